@@ -1,0 +1,3 @@
+from jlremote.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""The command line: parse arguments, call a command, render its result, map errors to exit
+codes. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from jlremote import __version__
+from jlremote.errors import ExitCode, JlremoteError
+
+log = logging.getLogger("jlremote")
+
+app = typer.Typer(
+    name="jlremote",
+    help="Put a JupyterLab running on a remote machine into your local browser, over your "
+    "own OpenSSH, with one command.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Debug logs on stderr (ssh argv included).")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger("jlremote")
+    if verbose:
+        root.setLevel(logging.DEBUG)
+    elif root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("jlremote: %(message)s"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def _fail(exc: JlremoteError) -> typer.Exit:
+    typer.echo(f"jlremote: error: {exc.message}", err=True)
+    if exc.detail:
+        typer.echo(exc.detail.rstrip("\n"), err=True)
+    log.debug("exit code %d", int(exc.code), exc_info=exc)
+    return typer.Exit(int(exc.code))
+
+
+def _guarded(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a command function; a JlremoteError becomes one line on stderr and its exit code."""
+    try:
+        return func(*args, **kwargs)
+    except JlremoteError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        typer.echo("jlremote: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if log.isEnabledFor(logging.DEBUG):
+            raise
+        typer.echo(f"jlremote: internal error: {exc!r} (run with -v for details)", err=True)
+        raise typer.Exit(int(ExitCode.ERROR)) from None
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"jlremote {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Verbose = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version_callback, is_eager=True,
+                     help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """jlremote: a remote JupyterLab in your local browser, over SSH.
+
+    Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect,
+    5 authentication or host key, 6 remote environment (jupyter, --dir, --env),
+    7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed.
+    """
+    _setup_logging(verbose)
+
+
+def _want_browser(open_flag: bool | None) -> bool:
+    if open_flag is not None:
+        return open_flag
+    if not sys.stdout.isatty():
+        return False
+    return sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+
+
+@app.command()
+def start(
+    host: Annotated[str, typer.Argument(help="Anything ssh accepts: an alias from "
+                                            "~/.ssh/config, host, or user@host.")],
+    name: Annotated[str | None, typer.Option("--name", "-n",
+                                             help="Session name (default: HOST).")] = None,
+    notebook: Annotated[bool, typer.Option("--notebook",
+                                           help="Run classic Jupyter Notebook, not Lab.")] = False,
+    port: Annotated[int | None, typer.Option(
+        "--port", help="Preferred remote port (default: a free one the remote picks). "
+        "The port the server really binds is the one forwarded.")] = None,
+    local_port: Annotated[int | None, typer.Option(
+        "--local-port", "-L", help="Local port (default: a free one). Busy is an error.")] = None,
+    directory: Annotated[str | None, typer.Option(
+        "--dir", "-d", help="Remote directory to serve (default: the remote home). "
+        "Relative paths and ~ are under the remote home.")] = None,
+    env: Annotated[str | None, typer.Option(
+        "--env", "-e", help="Shell snippet run on the remote before jupyter, e.g. "
+        "'source ~/venv/bin/activate' or 'module load python'.")] = None,
+    jupyter: Annotated[str, typer.Option(
+        "--jupyter", help="The jupyter executable on the remote.")] = "jupyter",
+    allow_root: Annotated[bool, typer.Option(
+        "--allow-root", help="Pass --allow-root to Jupyter (it refuses root otherwise).")] = False,
+    open_browser: Annotated[bool | None, typer.Option(
+        "--open/--no-open", help="Open the browser (default: only on a terminal with a "
+        "display).")] = None,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", "-t", help="Seconds to wait for the server to come up.", min=1)] = 60.0,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Start JupyterLab on HOST (or reuse the running session) and print its URL.
+
+    The URL, with its token, is the last line of stdout. Running it again for a live
+    session prints the same URL and starts nothing new.
+    """
+    _setup_logging(verbose)
+    from jlremote.commands.start import StartOptions
+    from jlremote.commands.start import start as do_start
+
+    result = _guarded(
+        do_start,
+        StartOptions(
+            host=host, name=name, notebook=notebook, port=port, local_port=local_port,
+            directory=directory, env=env, jupyter=jupyter, allow_root=allow_root,
+            timeout=timeout,
+        ),
+    )
+    if _want_browser(open_browser):
+        from jlremote.browser import open_url
+
+        _guarded(open_url, result.name, result.url)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(result.url)
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="Only this session.")] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Do not ask the remotes (server shows as unknown).")] = False,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show each session: host, server (running/gone/unknown), tunnel (up/down), URL."""
+    _setup_logging(verbose)
+    from jlremote.commands.status import status as do_status
+
+    rows = _guarded(do_status, name, offline)
+    if as_json:
+        _print_json([r.to_json() for r in rows])
+        return
+    if not rows:
+        if sys.stderr.isatty():
+            typer.echo("no sessions", err=True)
+        return
+    table = [("NAME", "HOST", "SERVER", "TUNNEL", "URL")]
+    table += [(r.name, r.host, r.server, r.tunnel, r.url) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        cells = [c.ljust(w) for c, w in zip(row[:4], widths)]
+        typer.echo("  ".join([*cells, row[4]]))
+    for r in rows:
+        if r.error:
+            typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
+
+
+@app.command()
+def stop(
+    name: Annotated[str | None, typer.Argument(
+        help="The session to stop (optional when there is only one).")] = None,
+    all_sessions: Annotated[bool, typer.Option("--all", help="Stop every session.")] = False,
+    forget: Annotated[bool, typer.Option(
+        "--forget", help="Drop the record even if the remote cannot be reached.")] = False,
+    grace: Annotated[float, typer.Option(
+        "--grace", help="Seconds between TERM and KILL on the remote.", min=0)] = 10.0,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Stop a session: its tunnel, exactly its server on the remote, and its files.
+
+    Quiet on success. The remote process is signalled only if its PID, start time and
+    command line all still match what was recorded.
+    """
+    _setup_logging(verbose)
+    if name is not None and all_sessions:
+        raise _fail(JlremoteError("give a NAME or --all, not both", ExitCode.USAGE))
+    from jlremote.commands.stop import stop as do_stop
+
+    outcome = _guarded(do_stop, name, all_sessions, forget, grace)
+    if as_json:
+        _print_json([r.to_json() for r in outcome.results])
+    if outcome.failure is not None:
+        raise _fail(outcome.failure)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if sys.argv[1:] == ["--version"]:  # fast path: no typer import
+        print(f"jlremote {__version__}")
+        return
+    app()

@@ -1,0 +1,170 @@
+"""`jlremote start`: reuse a live session, or launch a server, forward it and prove it works."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import secrets
+from dataclasses import dataclass, replace
+
+from jlremote import remote, scripts, ssh, tunnel
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import ensure_private_dir, state_dir
+from jlremote.results import StartResult
+from jlremote.state import Session, StateStore
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """Everything `start` was asked for."""
+
+    host: str
+    name: str | None = None
+    notebook: bool = False
+    port: int | None = None
+    local_port: int | None = None
+    directory: str | None = None
+    env: str | None = None
+    jupyter: str = "jupyter"
+    allow_root: bool = False
+    timeout: float = 60.0
+
+
+def check_name(name: str) -> str:
+    """Session names go into file names and tables: keep them plain."""
+    if not _NAME.match(name):
+        raise JlremoteError(
+            f"not a valid session name: {name!r} (letters, digits and ._@:+- only)",
+            ExitCode.USAGE,
+        )
+    return name
+
+
+def _result(session: Session, reused: bool, reopened: bool) -> StartResult:
+    return StartResult(
+        name=session.name,
+        host=session.host,
+        url=session.url,
+        local_port=session.tunnel.local_port,
+        remote_port=session.tunnel.remote_port,
+        server_pid=session.server.pid,
+        session_dir=session.server.session_dir,
+        jupyter_server_version=session.server.version,
+        reused=reused,
+        tunnel_reopened=reopened,
+    )
+
+
+def start(opts: StartOptions) -> StartResult:
+    """Give the user a working URL for OPTS.host, starting as little as possible."""
+    host = ssh.check_host(opts.host)
+    name = check_name(opts.name or host)
+    if opts.local_port is not None and not 1 <= opts.local_port <= 65535:
+        raise JlremoteError(f"--local-port {opts.local_port} is not a port", ExitCode.USAGE)
+    if opts.port is not None and not 1 <= opts.port <= 65535:
+        raise JlremoteError(f"--port {opts.port} is not a port", ExitCode.USAGE)
+    cfg = ssh.SshConfig.from_environment()
+    store = StateStore(state_dir())
+    with store.name_lock(name, timeout=opts.timeout + 60):
+        existing = store.read().get(name)
+        if existing is not None:
+            if existing.host != host:
+                raise JlremoteError(
+                    f"session {name!r} already runs on {existing.host}; "
+                    f"stop it or choose another --name",
+                    ExitCode.USAGE,
+                )
+            reused = _reuse(cfg, store, existing, opts)
+            if reused is not None:
+                return reused
+        return _fresh(cfg, store, name, host, opts)
+
+
+def _reuse(
+    cfg: ssh.SshConfig, store: StateStore, session: Session, opts: StartOptions
+) -> StartResult | None:
+    """Same URL for a live session (re-opening its tunnel if needed); None if it is gone."""
+    alive = tunnel.tunnel_process(session.tunnel) is not None
+    if alive and tunnel.api_status(
+        session.tunnel.local_port, session.server.base_url, session.token, timeout=3.0
+    ) is not None:
+        log.debug("session %s is alive; reusing it", session.name)
+        return _result(session, reused=True, reopened=False)
+    # The tunnel is down (or wedged): ask the remote whether the server is still ours.
+    tunnel.close_tunnel(session.tunnel)
+    state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
+    if state.get(session.server.session_id) != "running":
+        log.info("the server of session %s is gone; starting a new one", session.name)
+        with store.transaction() as sessions:
+            sessions.pop(session.name, None)
+        return None
+    local_port = session.tunnel.local_port
+    if not tunnel.port_is_free(local_port):
+        if opts.local_port is not None and opts.local_port == local_port:
+            tunnel.require_free_port(local_port)
+        local_port = opts.local_port or tunnel.pick_free_port()
+        log.warning("local port %d is taken now; the session moves to port %d",
+                    session.tunnel.local_port, local_port)
+    new_tunnel = _open_and_verify(cfg, session.host, session, local_port, opts.timeout)
+    session = replace(session, tunnel=new_tunnel)
+    with store.transaction() as sessions:
+        sessions[session.name] = session
+    return _result(session, reused=True, reopened=True)
+
+
+def _open_and_verify(
+    cfg: ssh.SshConfig, host: str, session: Session, local_port: int, timeout: float
+) -> tunnel.Tunnel:
+    logs = ensure_private_dir(state_dir() / "logs")
+    t = tunnel.open_tunnel(
+        cfg, host, local_port, session.server.port, logs / f"{session.name}.tunnel.log"
+    )
+    try:
+        tunnel.wait_for_api(local_port, session.server.base_url, session.token,
+                            timeout=min(timeout, 30.0))
+    except BaseException:
+        tunnel.close_tunnel(t)
+        raise
+    return t
+
+
+def _fresh(
+    cfg: ssh.SshConfig, store: StateStore, name: str, host: str, opts: StartOptions
+) -> StartResult:
+    if opts.local_port is not None:
+        tunnel.require_free_port(opts.local_port)
+    spec = scripts.LaunchSpec(
+        session_id=secrets.token_hex(8),
+        notebook=opts.notebook,
+        port=opts.port,
+        directory=opts.directory,
+        env=opts.env,
+        jupyter=opts.jupyter,
+        allow_root=opts.allow_root,
+        timeout=opts.timeout,
+    )
+    token = secrets.token_hex(24)
+    server = remote.launch(cfg, host, spec, token)
+    log.debug("server pid %d listens on remote port %d", server.pid, server.port)
+    session = Session(
+        name=name, host=host, token=token, server=server,
+        tunnel=tunnel.Tunnel(local_port=0, remote_port=server.port),
+    )
+    try:
+        local_port = opts.local_port or tunnel.pick_free_port()
+        session = replace(session, tunnel=_open_and_verify(cfg, host, session, local_port,
+                                                           opts.timeout))
+        with store.transaction() as sessions:
+            sessions[name] = session
+    except BaseException:
+        # Nothing half-done stays behind: the tunnel and the server we just started go.
+        tunnel.close_tunnel(session.tunnel)
+        with contextlib.suppress(Exception):
+            remote.stop(cfg, host, remote.identity(server), grace=5)
+        raise
+    return _result(session, reused=False, reopened=False)

@@ -1,0 +1,82 @@
+"""`jlremote stop`: the tunnel, then exactly our server on the remote, then the record."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from jlremote import remote, ssh, tunnel
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import state_dir
+from jlremote.results import StopResult
+from jlremote.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """The sessions stopped, and the first failure (the others were still attempted)."""
+
+    results: list[StopResult]
+    failure: JlremoteError | None
+
+
+def stop(
+    name: str | None, all_sessions: bool = False, forget: bool = False, grace: float = 10.0
+) -> StopOutcome:
+    """Stop NAME (or every session with `all_sessions`). With `forget`, a remote that
+    cannot be reached does not keep the record."""
+    store = StateStore(state_dir())
+    sessions = store.read()
+    if all_sessions:
+        names = sorted(sessions)
+    elif name is not None:
+        if name not in sessions:
+            raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
+        names = [name]
+    elif len(sessions) == 1:
+        names = list(sessions)
+    elif not sessions:
+        raise JlremoteError("no sessions to stop", ExitCode.NO_SESSION)
+    else:
+        raise JlremoteError(
+            f"which session? give a NAME ({', '.join(sorted(sessions))}) or --all",
+            ExitCode.USAGE,
+        )
+    cfg = ssh.SshConfig.from_environment()
+    results = []
+    failure: JlremoteError | None = None
+    for n in names:
+        try:
+            results.append(_stop_one(cfg, store, n, forget, grace))
+        except JlremoteError as exc:
+            failure = failure or exc
+            log.debug("stopping %s failed: %s", n, exc)
+    return StopOutcome(results, failure)
+
+
+def _stop_one(
+    cfg: ssh.SshConfig, store: StateStore, name: str, forget: bool, grace: float
+) -> StopResult:
+    with store.name_lock(name, timeout=grace + 60):
+        session = store.read().get(name)
+        if session is None:  # stopped by someone else meanwhile
+            raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
+        closed = tunnel.close_tunnel(session.tunnel)
+        try:
+            server = remote.stop(cfg, session.host, remote.identity(session.server), grace)
+        except JlremoteError as exc:
+            if not forget:
+                raise JlremoteError(
+                    f"{exc.message}; session {name!r} kept (retry, or use --forget to drop it)",
+                    exc.code,
+                ) from exc
+            log.warning("%s; forgetting session %r anyway", exc.message, name)
+            server = "unknown"
+        if server == "foreign":
+            log.warning("session %r: PID %d on %s is another process now; left it alone",
+                        name, session.server.pid, session.host)
+        with store.transaction() as sessions:
+            sessions.pop(name, None)
+        return StopResult(name, session.host, server, "closed" if closed else "down")

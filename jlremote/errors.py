@@ -1,0 +1,35 @@
+"""The one error type of jlremote and the exit codes it turns into (in cli.py only)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes; documented in README.md and docs/errors.md."""
+
+    OK = 0
+    ERROR = 1  # anything not listed below
+    USAGE = 2  # bad command line (typer's own code for usage errors)
+    NO_SSH = 3  # the local `ssh` binary was not found
+    CONNECT = 4  # unknown host, connection refused, timed out
+    AUTH = 5  # authentication failed or host key verification failed
+    REMOTE_ENV = 6  # jupyter not found on the remote, --dir missing, --env failed
+    SERVER = 7  # the server did not come up (crashed or --timeout ran out)
+    LOCAL_PORT = 8  # the asked-for local port is busy
+    NO_SESSION = 9  # no session of that name
+    TUNNEL = 10  # the forward could not be opened or did not answer
+
+
+class JlremoteError(Exception):
+    """An error a user can act on: one line of text plus an exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        # Extra lines (e.g. the tail of a remote log) shown after the message.
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message

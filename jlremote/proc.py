@@ -1,0 +1,69 @@
+"""The one place where jlremote starts processes.
+
+Every argv is a list (never a shell string) and is logged at debug level. Nothing secret is
+ever put in an argv, so logging it is safe; stdin and stdout are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from jlremote.errors import ExitCode, JlremoteError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a finished process left behind."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(
+    argv: list[str],
+    *,
+    timeout: float,
+    stdin_text: str | None = None,
+    output_file: Path | None = None,
+    what: str = "command",
+) -> Completed:
+    """Run `argv` to completion and return its exit code and output.
+
+    `stdin_text` is written to its stdin (how secrets travel); otherwise stdin is /dev/null.
+    With `output_file`, stdout and stderr go to that file instead of pipes: needed for
+    `ssh -f`, whose background child keeps them open long after the parent has returned.
+    A process still running after `timeout` seconds is killed and reported as a JlremoteError.
+    """
+    log.debug("run: %s", shlex.join(argv))
+    stdin = subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL
+    try:
+        if output_file is not None:
+            with open(output_file, "ab") as out:
+                proc = subprocess.run(
+                    argv, stdin=stdin, stdout=out, stderr=out, timeout=timeout,
+                    input=None if stdin_text is None else stdin_text.encode(),
+                )
+            return Completed(argv, proc.returncode, "", "")
+        proc = subprocess.run(
+            argv, stdin=stdin, capture_output=True, timeout=timeout,
+            input=None if stdin_text is None else stdin_text.encode(),
+        )
+    except subprocess.TimeoutExpired:
+        raise JlremoteError(f"{what} did not finish within {timeout:.0f}s", ExitCode.CONNECT) from None
+    except FileNotFoundError:
+        raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
+    log.debug("exit %d: %s", proc.returncode, argv[0])
+    return Completed(
+        argv,
+        proc.returncode,
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
+    )

@@ -1,0 +1,123 @@
+"""Things done on the remote: each is one `ssh HOST -- <script>` built by scripts.py."""
+
+from __future__ import annotations
+
+import logging
+
+from jlremote import proc, scripts, ssh
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.state import RemoteServer
+
+log = logging.getLogger(__name__)
+
+
+def _ssh_script(
+    cfg: ssh.SshConfig, host: str, script: str, timeout: float, what: str,
+    stdin_text: str | None = None,
+) -> proc.Completed:
+    argv = ssh.command_argv(cfg, host, scripts.wrap(script))
+    done = proc.run(argv, timeout=timeout, stdin_text=stdin_text, what=what)
+    if done.returncode == 255:
+        raise ssh.explain_failure(host, done.stderr)
+    return done
+
+
+def _remote_message(stderr: str, fallback: str) -> tuple[str, str]:
+    """Our script's own `jlremote: ...` line (the message) and what followed it (detail)."""
+    lines = stderr.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("jlremote: "):
+            return line[len("jlremote: "):], "\n".join(lines[i + 1:])
+    return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES:])
+
+
+def launch(
+    cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str
+) -> RemoteServer:
+    """Start the server on `host`; the token goes over stdin, never into an argv."""
+    done = _ssh_script(
+        cfg, host, scripts.launch_script(spec),
+        timeout=spec.timeout + cfg.connect_timeout + 15,
+        what=f"starting the server on {host}", stdin_text=token + "\n",
+    )
+    rc = done.returncode
+    if rc != 0:
+        msg, detail = _remote_message(done.stderr, f"the remote start-up failed (exit {rc})")
+        if rc == scripts.RC_NOT_FOUND:
+            raise JlremoteError(
+                f"{msg} (put it on PATH with --env 'source ~/venv/bin/activate', or give "
+                "--jupyter /path/to/jupyter)",
+                ExitCode.REMOTE_ENV,
+            )
+        if rc in (scripts.RC_NO_DIR, scripts.RC_ENV_FAILED, scripts.RC_SESSION_DIR):
+            raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
+        if rc == scripts.RC_SERVER_EXITED and "not found" in detail and "Jupyter command" in detail:
+            missing = "notebook" if spec.notebook else "jupyterlab"
+            raise JlremoteError(
+                f"'{spec.jupyter} {spec.subcommand}' is not installed on the remote "
+                f"(pip install {missing} there, or point --env/--jupyter at an environment "
+                "that has it)",
+                ExitCode.REMOTE_ENV, detail=detail,
+            )
+        if rc in (scripts.RC_SERVER_EXITED, scripts.RC_SERVER_TIMEOUT):
+            if "as root is not recommended" in detail or "--allow-root" in detail:
+                msg += " (it refuses to run as root without --allow-root)"
+            raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
+        raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
+    report = scripts.parse_launch_output(done.stdout)
+    if report.port == 0:
+        # jupyter_server < 2.20 advertises port 0 when asked for a random one.
+        stop(cfg, host, _identity(spec.session_id, report), grace=5)
+        raise JlremoteError(
+            "the remote jupyter_server is too old to report its port; pass --port N "
+            "(e.g. --port 8888) or upgrade jupyter_server",
+            ExitCode.SERVER,
+        )
+    return RemoteServer(
+        session_id=spec.session_id,
+        pid=report.pid,
+        started=report.started,
+        cmdline=report.cmdline,
+        port=report.port,
+        base_url=report.base_url,
+        session_dir=report.session_dir,
+        notebook=spec.notebook,
+        version=report.version,
+    )
+
+
+def _identity(session_id: str, report: scripts.LaunchReport) -> scripts.ServerIdentity:
+    return scripts.ServerIdentity(session_id, report.pid, report.started, report.cmdline)
+
+
+def identity(server: RemoteServer) -> scripts.ServerIdentity:
+    """What proves a remote process is this server."""
+    return scripts.ServerIdentity(server.session_id, server.pid, server.started, server.cmdline)
+
+
+def probe(
+    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
+) -> dict[str, str]:
+    """One ssh call: for each server's session id, `running`, `gone` or `foreign`."""
+    script = scripts.probe_script([identity(s) for s in servers])
+    done = _ssh_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
+    if done.returncode != 0:
+        msg, _ = _remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
+        raise JlremoteError(msg, ExitCode.CONNECT)
+    return scripts.parse_probe_output(done.stdout)
+
+
+def stop(
+    cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0
+) -> str:
+    """Stop exactly this server and remove its session directory; returns what happened:
+    `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""
+    script = scripts.stop_script(server, grace=grace)
+    done = _ssh_script(
+        cfg, host, script, timeout=grace + cfg.connect_timeout + 15, what=f"stopping on {host}"
+    )
+    state = scripts.parse_stop_output(done.stdout)
+    if done.returncode != 0 or state is None:
+        msg, _ = _remote_message(done.stderr, f"stopping on {host} failed (exit {done.returncode})")
+        raise JlremoteError(msg, ExitCode.ERROR)
+    return state

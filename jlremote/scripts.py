@@ -1,0 +1,310 @@
+"""Pure builders of the shell scripts jlremote runs on the remote, and parsers of what
+they print back.
+
+Every value that comes from the user or the state file is inserted with shlex.quote; the
+scripts are POSIX sh (run by bash when the remote has it, so `source` in --env works). The
+Jupyter token is never part of a script: the launch script reads it from stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+
+from jlremote.errors import ExitCode, JlremoteError
+
+q = shlex.quote
+
+# Marker exit codes of our own remote scripts (127 is the shell's "command not found").
+RC_SESSION_DIR = 80
+RC_NO_TOKEN = 81
+RC_ENV_FAILED = 82
+RC_NO_DIR = 83
+RC_SERVER_EXITED = 84
+RC_SERVER_TIMEOUT = 85
+RC_NOT_FOUND = 127
+
+SESSIONS_ROOT = '"$HOME"/.jlremote/sessions'
+_SESSION_ID = re.compile(r"^[0-9a-f]{8,64}$")
+LOG_TAIL_LINES = 15
+
+
+def session_dir_expr(session_id: str) -> str:
+    """Shell expression of a session's private directory on the remote."""
+    if not _SESSION_ID.match(session_id):
+        raise ValueError(f"bad session id {session_id!r}")
+    return f"{SESSIONS_ROOT}/{session_id}"
+
+
+def wrap(script: str) -> str:
+    """The command line given to ssh: run `script` with bash if the remote has it, else sh.
+
+    Whatever the user's login shell, this one line is a plain command with quoted words.
+    """
+    runner = 'if command -v bash >/dev/null 2>&1; then exec bash -c "$1"; fi; exec sh -c "$1"'
+    return f"sh -c {q(runner)} jlremote {q(script)}"
+
+
+def remote_path_expr(path: str) -> str:
+    """A user's remote path as a shell word: `~` and relative paths are under $HOME."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + q(path[2:])
+    if path.startswith("/"):
+        return q(path)
+    return '"$HOME"/' + q(path)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to start on the remote."""
+
+    session_id: str
+    notebook: bool = False
+    port: int | None = None
+    directory: str | None = None
+    env: str | None = None
+    jupyter: str = "jupyter"
+    allow_root: bool = False
+    timeout: float = 60.0
+
+    @property
+    def subcommand(self) -> str:
+        return "notebook" if self.notebook else "lab"
+
+
+def jupyter_argv(spec: LaunchSpec) -> list[str]:
+    """The server's own argv (no token: that travels in the environment)."""
+    argv = [spec.jupyter, spec.subcommand, "--no-browser", "--ip=127.0.0.1"]
+    # --port=0: the kernel picks a free port; the server reports it in jpserver-<pid>.json.
+    argv.append(f"--port={spec.port if spec.port is not None else 0}")
+    if spec.allow_root:
+        argv.append("--allow-root")
+    return argv
+
+
+def _fail(code: int, message_expr: str, *, tail_log: bool = False) -> str:
+    parts = [f"printf '%s\\n' {message_expr} >&2"]
+    if tail_log:
+        parts.append(f'tail -n {LOG_TAIL_LINES} "$d/server.log" >&2 2>/dev/null')
+    parts += ['rm -rf "$d"', f"exit {code}"]
+    return "{ " + "; ".join(parts) + "; }"
+
+
+def launch_script(spec: LaunchSpec) -> str:
+    """Start a detached Jupyter server in a private session directory and report on it.
+
+    Prints (stdout) `JLREMOTE-WAIT` lines while waiting (a write to a vanished client
+    raises SIGPIPE, and the trap then stops the half-started server), then `JLREMOTE-PID`,
+    `JLREMOTE-START` (ps lstart), `JLREMOTE-ARGS` (ps args), `JLREMOTE-DIR`, and the
+    server's runtime JSON between `JLREMOTE-INFO` and `JLREMOTE-END`.
+    """
+    d = session_dir_expr(spec.session_id)
+    ticks = max(1, int(spec.timeout * 10))
+    server = " ".join(q(a) for a in jupyter_argv(spec))
+    lines = [
+        "umask 077",
+        f"d={d}",
+        "child=",
+        # Whatever goes wrong after launch, the half-started server and its files go too.
+        'abort() { [ -n "$child" ] && kill "$child" 2>/dev/null; sleep 1; '
+        '[ -n "$child" ] && kill -9 "$child" 2>/dev/null; rm -rf "$d"; exit 1; }',
+        "trap abort PIPE HUP INT TERM",
+        f'mkdir -p {SESSIONS_ROOT} && chmod 700 "$HOME"/.jlremote {SESSIONS_ROOT} && mkdir "$d" '
+        f"|| {{ echo 'jlremote: cannot create the session directory' >&2; exit {RC_SESSION_DIR}; }}",
+        f"IFS= read -r JUPYTER_TOKEN || {_fail(RC_NO_TOKEN, q('jlremote: no token on stdin'))}",
+        "export JUPYTER_TOKEN",
+        # A 0600 copy (umask 077) for attaching from another client; printf is a builtin.
+        """printf '%s\\n' "$JUPYTER_TOKEN" > "$d/token\"""",
+        'export JUPYTER_RUNTIME_DIR="$d"',
+    ]
+    if spec.env:
+        lines.append(
+            "{\n" + spec.env + "\n} </dev/null >&2 || "
+            + _fail(RC_ENV_FAILED, q("jlremote: the --env snippet failed on the remote"))
+        )
+    if spec.directory:
+        where = remote_path_expr(spec.directory)
+        lines.append(
+            f"cd {where} 2>/dev/null || "
+            + _fail(RC_NO_DIR, q(f"jlremote: remote directory not found: {spec.directory}"))
+        )
+    else:
+        lines.append('cd "$HOME"')
+    lines += [
+        f"command -v {q(spec.jupyter)} >/dev/null 2>&1 || "
+        + _fail(RC_NOT_FOUND, q(f"jlremote: '{spec.jupyter}' not found on the remote")),
+        # setsid: own session, so no hang-up reaches it; stdin from /dev/null, no pty.
+        "s=; command -v setsid >/dev/null 2>&1 && s=setsid",
+        f'$s nohup {server} </dev/null >"$d/server.log" 2>&1 &',
+        "child=$!",
+        "i=0",
+        "f=",
+        "while :; do",
+        '  for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
+        # The file is written in pieces: a closing brace in column 0 means it is complete.
+        '    if [ -f "$c" ] && grep -q "^}" "$c"; then f=$c; break; fi',
+        "  done",
+        '  [ -n "$f" ] && break',
+        '  kill -0 "$child" 2>/dev/null || '
+        + _fail(RC_SERVER_EXITED, q("jlremote: the server exited during start-up"), tail_log=True),
+        "  i=$((i+1))",
+        f'  if [ "$i" -gt {ticks} ]; then',
+        '    kill "$child" 2>/dev/null; sleep 1; kill -9 "$child" 2>/dev/null',
+        "    "
+        + _fail(
+            RC_SERVER_TIMEOUT,
+            q(f"jlremote: the server did not start within {spec.timeout:g}s"),
+            tail_log=True,
+        ),
+        "  fi",
+        "  echo JLREMOTE-WAIT",
+        "  sleep 0.1",
+        "done",
+        'pid=${f##*-}; pid=${pid%.json}',
+        'st=$(TZ=UTC LC_ALL=C ps -o lstart= -p "$pid")',
+        'ar=$(ps -ww -o args= -p "$pid")',
+        """printf '%s\\n' "$pid" > "$d/server.pid\"""",
+        """printf '%s\\n' "$st" > "$d/server.start\"""",
+        """printf '%s\\n' "$ar" > "$d/server.args\"""",
+        """printf 'JLREMOTE-PID %s\\n' "$pid\"""",
+        """printf 'JLREMOTE-START %s\\n' "$st\"""",
+        """printf 'JLREMOTE-ARGS %s\\n' "$ar\"""",
+        """printf 'JLREMOTE-DIR %s\\n' "$d\"""",
+        "echo JLREMOTE-INFO",
+        'cat "$f"',
+        "echo",
+        "echo JLREMOTE-END",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class LaunchReport:
+    """What the launch script reported about the server it started."""
+
+    pid: int
+    started: str
+    cmdline: str
+    session_dir: str
+    port: int
+    base_url: str
+    version: str
+
+
+def parse_launch_output(stdout: str) -> LaunchReport:
+    """Parse the launch script's stdout (noise from the user's shell start-up is ignored)."""
+    fields: dict[str, str] = {}
+    info: list[str] = []
+    in_info = False
+    for line in stdout.splitlines():
+        if in_info:
+            if line == "JLREMOTE-END":
+                in_info = False
+            else:
+                info.append(line)
+        elif line == "JLREMOTE-INFO":
+            in_info = True
+        elif line.startswith("JLREMOTE-") and " " in line:
+            key, _, value = line.partition(" ")
+            fields[key] = value
+    try:
+        data = json.loads("\n".join(info))
+        return LaunchReport(
+            pid=int(fields["JLREMOTE-PID"]),
+            started=fields["JLREMOTE-START"],
+            cmdline=fields["JLREMOTE-ARGS"],
+            session_dir=fields["JLREMOTE-DIR"],
+            port=int(data["port"]),
+            base_url=str(data.get("base_url") or "/"),
+            version=str(data.get("version", "")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise JlremoteError(
+            "could not understand the remote's answer (is the login shell POSIX-like?)",
+            ExitCode.SERVER,
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """How a remote server process is recognised: all three must match."""
+
+    session_id: str
+    pid: int
+    started: str
+    cmdline: str
+
+
+_IDENTITY_CHECK = (
+    # is_ours PID START ARGS: is PID alive and still the very process we started?
+    "is_ours() {\n"
+    '  kill -0 "$1" 2>/dev/null || return 1\n'
+    '  [ "$(TZ=UTC LC_ALL=C ps -o lstart= -p "$1")" = "$2" ] || return 2\n'
+    '  [ "$(ps -ww -o args= -p "$1")" = "$3" ] || return 2\n'
+    "}\n"
+)
+
+
+def probe_script(servers: list[ServerIdentity]) -> str:
+    """Report `JLREMOTE-PROBE SESSION_ID running|gone|foreign` for each server.
+
+    `foreign` means the PID is alive but is another process now (PID reuse).
+    """
+    lines = [_IDENTITY_CHECK.rstrip("\n")]
+    lines.append(
+        "probe() { is_ours \"$2\" \"$3\" \"$4\"; case $? in "
+        "0) s=running;; 1) s=gone;; *) s=foreign;; esac; "
+        "printf 'JLREMOTE-PROBE %s %s\\n' \"$1\" \"$s\"; }"
+    )
+    for srv in servers:
+        session_dir_expr(srv.session_id)  # validates the id
+        lines.append(
+            f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_probe_output(stdout: str) -> dict[str, str]:
+    """Map session id to `running`, `gone` or `foreign`."""
+    result: dict[str, str] = {}
+    for line in stdout.splitlines():
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0] == "JLREMOTE-PROBE":
+            result[parts[1]] = parts[2]
+    return result
+
+
+def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
+    """Stop exactly our server: TERM once proven ours, KILL only if still there after
+    `grace` seconds; then remove the session directory. Prints `JLREMOTE-STOP STATE` with
+    STATE one of stopped, killed, gone, foreign."""
+    d = session_dir_expr(server.session_id)
+    ticks = max(1, int(grace * 10))
+    lines = [
+        _IDENTITY_CHECK.rstrip("\n"),
+        f"d={d}",
+        f"p={server.pid:d}; st={q(server.started)}; ar={q(server.cmdline)}",
+        'is_ours "$p" "$st" "$ar"; r=$?',
+        "state=gone",
+        'if [ "$r" = 2 ]; then state=foreign; fi',
+        'if [ "$r" = 0 ]; then',
+        '  kill -TERM "$p"; state=stopped; i=0',
+        f'  while is_ours "$p" "$st" "$ar" && [ "$i" -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done',
+        '  if is_ours "$p" "$st" "$ar"; then kill -KILL "$p"; state=killed; fi',
+        "fi",
+        'rm -rf "$d"',
+        """printf 'JLREMOTE-STOP %s\\n' "$state\"""",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_stop_output(stdout: str) -> str | None:
+    """The state reported by stop_script, or None if it did not get that far."""
+    for line in stdout.splitlines():
+        if line.startswith("JLREMOTE-STOP "):
+            return line.split(" ", 1)[1]
+    return None

@@ -1,0 +1,198 @@
+"""The state file: one JSON document of all sessions, 0600, replaced atomically under a lock.
+
+A session is recorded only once its URL has been proven to work. A broken file is moved
+aside with a warning and jlremote carries on; a file from a newer jlremote is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import ensure_private_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATE_FILE = "sessions.json"
+
+
+@dataclass(frozen=True)
+class RemoteServer:
+    """The Jupyter server on the remote, and how to recognise it (pid + start + cmdline)."""
+
+    session_id: str
+    pid: int
+    started: str
+    cmdline: str
+    port: int
+    base_url: str
+    session_dir: str
+    notebook: bool = False
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """The local `ssh -N -L` process (pid + create_time identify it) and its two ports."""
+
+    local_port: int
+    remote_port: int
+    pid: int | None = None
+    create_time: float | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    """One running JupyterLab that jlremote started, as recorded locally."""
+
+    name: str
+    host: str
+    token: str
+    server: RemoteServer
+    tunnel: Tunnel
+    created: float = field(default_factory=time.time)
+
+    @property
+    def url(self) -> str:
+        """The browser URL, token included."""
+        page = "tree" if self.server.notebook else "lab"
+        base = self.server.base_url if self.server.base_url.endswith("/") else (
+            self.server.base_url + "/"
+        )
+        return f"http://127.0.0.1:{self.tunnel.local_port}{base}{page}?token={self.token}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Session:
+        return cls(
+            name=str(data["name"]),
+            host=str(data["host"]),
+            token=str(data["token"]),
+            server=RemoteServer(**data["server"]),
+            tunnel=Tunnel(**data["tunnel"]),
+            created=float(data.get("created", 0.0)),
+        )
+
+
+class StateStore:
+    """Sessions on disk. Readers need no lock (the file is only ever replaced whole);
+    writers take an exclusive lock around read-modify-write."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / STATE_FILE
+        self._lock_path = directory / (STATE_FILE + ".lock")
+
+    def read(self) -> dict[str, Session]:
+        """All recorded sessions by name (empty when there is no file yet)."""
+        data = self._load()
+        if data is None:
+            with self._locked():
+                data = self._load(move_aside=True)
+        return data or {}
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[dict[str, Session]]:
+        """Yield the sessions for changing in place; written back atomically on exit."""
+        with self._locked():
+            sessions = self._load(move_aside=True) or {}
+            before = dict(sessions)
+            yield sessions
+            if sessions != before:
+                self._write(sessions)
+
+    @contextlib.contextmanager
+    def name_lock(self, name: str, timeout: float) -> Iterator[None]:
+        """Serialise start/stop of one session name across processes."""
+        digest = hashlib.sha256(name.encode()).hexdigest()[:24]
+        locks = ensure_private_dir(self.directory / "locks")
+        with _flock(locks / f"{digest}.lock", timeout, f"session {name!r}"):
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        ensure_private_dir(self.directory)
+        with _flock(self._lock_path, 30.0, "the state file"):
+            yield
+
+    def _load(self, move_aside: bool = False) -> dict[str, Session] | None:
+        """Parse the file; None means it is corrupt (moved aside when `move_aside`)."""
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            doc = json.loads(raw)
+            version = int(doc.get("version", 0))
+            if version > SCHEMA_VERSION:
+                raise JlremoteError(
+                    f"{self.path} was written by a newer jlremote (schema {version}); "
+                    "upgrade jlremote",
+                    ExitCode.ERROR,
+                )
+            return {
+                name: Session.from_dict(entry) for name, entry in doc["sessions"].items()
+            }
+        except JlremoteError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError):
+            if not move_aside:
+                return None
+            aside = self.path.with_name(f"{STATE_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, aside)
+            log.warning("state file %s was corrupt; moved it to %s and started afresh",
+                        self.path, aside)
+            return {}
+
+    def _write(self, sessions: dict[str, Session]) -> None:
+        doc = {
+            "version": SCHEMA_VERSION,
+            "sessions": {name: s.to_dict() for name, s in sorted(sessions.items())},
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".sessions.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def _flock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise JlremoteError(
+                        f"timed out waiting for the lock on {what} ({path})", ExitCode.ERROR
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
