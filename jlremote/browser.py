@@ -14,9 +14,9 @@ def redirect_page(url: str) -> str:
     """A tiny page that sends the browser on to `url` (as Jupyter's own open.html does)."""
     u = html.escape(url, quote=True)
     return (
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-        f"<meta http-equiv=\"refresh\" content=\"0;url={u}\"><title>jlremote</title></head>"
-        f"<body><p><a href=\"{u}\">Open JupyterLab</a></p></body></html>\n"
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="0;url={u}"><title>jlremote</title></head>'
+        f'<body><p><a href="{u}">Open JupyterLab</a></p></body></html>\n'
     )
 
 

@@ -83,8 +83,12 @@ def _main(
     verbose: Verbose = False,
     version: Annotated[
         bool | None,
-        typer.Option("--version", callback=_version_callback, is_eager=True,
-                     help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
     ] = None,
 ) -> None:
     """jlremote: a remote JupyterLab in your local browser, over SSH.
@@ -108,32 +112,70 @@ def _want_browser(open_flag: bool | None) -> bool:
 
 @app.command()
 def start(
-    host: Annotated[str, typer.Argument(help="Anything ssh accepts: an alias from "
-                                            "~/.ssh/config, host, or user@host.")],
-    name: Annotated[str | None, typer.Option("--name", "-n",
-                                             help="Session name (default: HOST).")] = None,
-    notebook: Annotated[bool, typer.Option("--notebook",
-                                           help="Run classic Jupyter Notebook, not Lab.")] = False,
-    port: Annotated[int | None, typer.Option(
-        "--port", help="Preferred remote port (default: a free one the remote picks). "
-        "The port the server really binds is the one forwarded.")] = None,
-    local_port: Annotated[int | None, typer.Option(
-        "--local-port", "-L", help="Local port (default: a free one). Busy is an error.")] = None,
-    directory: Annotated[str | None, typer.Option(
-        "--dir", "-d", help="Remote directory to serve (default: the remote home). "
-        "Relative paths and ~ are under the remote home.")] = None,
-    env: Annotated[str | None, typer.Option(
-        "--env", "-e", help="Shell snippet run on the remote before jupyter, e.g. "
-        "'source ~/venv/bin/activate' or 'module load python'.")] = None,
-    jupyter: Annotated[str, typer.Option(
-        "--jupyter", help="The jupyter executable on the remote.")] = "jupyter",
-    allow_root: Annotated[bool, typer.Option(
-        "--allow-root", help="Pass --allow-root to Jupyter (it refuses root otherwise).")] = False,
-    open_browser: Annotated[bool | None, typer.Option(
-        "--open/--no-open", help="Open the browser (default: only on a terminal with a "
-        "display).")] = None,
-    timeout: Annotated[float, typer.Option(
-        "--timeout", "-t", help="Seconds to wait for the server to come up.", min=1)] = 60.0,
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="Anything ssh accepts: an alias from ~/.ssh/config, host, or user@host."
+        ),
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", "-n", help="Session name (default: HOST).")
+    ] = None,
+    notebook: Annotated[
+        bool, typer.Option("--notebook", help="Run classic Jupyter Notebook, not Lab.")
+    ] = False,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            help="Preferred remote port (default: a free one the remote picks). "
+            "The port the server really binds is the one forwarded.",
+        ),
+    ] = None,
+    local_port: Annotated[
+        int | None,
+        typer.Option(
+            "--local-port", "-L", help="Local port (default: a free one). Busy is an error."
+        ),
+    ] = None,
+    directory: Annotated[
+        str | None,
+        typer.Option(
+            "--dir",
+            "-d",
+            help="Remote directory to serve (default: the remote home). "
+            "Relative paths and ~ are under the remote home.",
+        ),
+    ] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            "-e",
+            help="Shell snippet run on the remote before jupyter, e.g. "
+            "'source ~/venv/bin/activate' or 'module load python'.",
+        ),
+    ] = None,
+    jupyter: Annotated[
+        str, typer.Option("--jupyter", help="The jupyter executable on the remote.")
+    ] = "jupyter",
+    allow_root: Annotated[
+        bool,
+        typer.Option(
+            "--allow-root", help="Pass --allow-root to Jupyter (it refuses root otherwise)."
+        ),
+    ] = False,
+    open_browser: Annotated[
+        bool | None,
+        typer.Option(
+            "--open/--no-open",
+            help="Open the browser (default: only on a terminal with a display).",
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", "-t", help="Seconds to wait for the server to come up.", min=1),
+    ] = 60.0,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -149,8 +191,15 @@ def start(
     result = _guarded(
         do_start,
         StartOptions(
-            host=host, name=name, notebook=notebook, port=port, local_port=local_port,
-            directory=directory, env=env, jupyter=jupyter, allow_root=allow_root,
+            host=host,
+            name=name,
+            notebook=notebook,
+            port=port,
+            local_port=local_port,
+            directory=directory,
+            env=env,
+            jupyter=jupyter,
+            allow_root=allow_root,
             timeout=timeout,
         ),
     )
@@ -167,8 +216,9 @@ def start(
 @app.command()
 def status(
     name: Annotated[str | None, typer.Argument(help="Only this session.")] = None,
-    offline: Annotated[bool, typer.Option(
-        "--offline", help="Do not ask the remotes (server shows as unknown).")] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Do not ask the remotes (server shows as unknown).")
+    ] = False,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -188,7 +238,7 @@ def status(
     table += [(r.name, r.host, r.server, r.tunnel, r.url) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     for row in table:
-        cells = [c.ljust(w) for c, w in zip(row[:4], widths)]
+        cells = [c.ljust(w) for c, w in zip(row[:4], widths, strict=True)]
         typer.echo("  ".join([*cells, row[4]]))
     for r in rows:
         if r.error:
@@ -197,13 +247,16 @@ def status(
 
 @app.command()
 def stop(
-    name: Annotated[str | None, typer.Argument(
-        help="The session to stop (optional when there is only one).")] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="The session to stop (optional when there is only one).")
+    ] = None,
     all_sessions: Annotated[bool, typer.Option("--all", help="Stop every session.")] = False,
-    forget: Annotated[bool, typer.Option(
-        "--forget", help="Drop the record even if the remote cannot be reached.")] = False,
-    grace: Annotated[float, typer.Option(
-        "--grace", help="Seconds between TERM and KILL on the remote.", min=0)] = 10.0,
+    forget: Annotated[
+        bool, typer.Option("--forget", help="Drop the record even if the remote cannot be reached.")
+    ] = False,
+    grace: Annotated[
+        float, typer.Option("--grace", help="Seconds between TERM and KILL on the remote.", min=0)
+    ] = 10.0,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:

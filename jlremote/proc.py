@@ -43,21 +43,31 @@ def run(
     A process still running after `timeout` seconds is killed and reported as a JlremoteError.
     """
     log.debug("run: %s", shlex.join(argv))
-    stdin = subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL
+    # With input=..., subprocess makes the stdin pipe itself.
+    stdin = None if stdin_text is not None else subprocess.DEVNULL
     try:
         if output_file is not None:
             with open(output_file, "ab") as out:
                 proc = subprocess.run(
-                    argv, stdin=stdin, stdout=out, stderr=out, timeout=timeout,
+                    argv,
+                    stdin=stdin,
+                    stdout=out,
+                    stderr=out,
+                    timeout=timeout,
                     input=None if stdin_text is None else stdin_text.encode(),
                 )
             return Completed(argv, proc.returncode, "", "")
         proc = subprocess.run(
-            argv, stdin=stdin, capture_output=True, timeout=timeout,
+            argv,
+            stdin=stdin,
+            capture_output=True,
+            timeout=timeout,
             input=None if stdin_text is None else stdin_text.encode(),
         )
     except subprocess.TimeoutExpired:
-        raise JlremoteError(f"{what} did not finish within {timeout:.0f}s", ExitCode.CONNECT) from None
+        raise JlremoteError(
+            f"{what} did not finish within {timeout:.0f}s", ExitCode.CONNECT
+        ) from None
     except FileNotFoundError:
         raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
     log.debug("exit %d: %s", proc.returncode, argv[0])

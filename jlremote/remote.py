@@ -12,7 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def _ssh_script(
-    cfg: ssh.SshConfig, host: str, script: str, timeout: float, what: str,
+    cfg: ssh.SshConfig,
+    host: str,
+    script: str,
+    timeout: float,
+    what: str,
     stdin_text: str | None = None,
 ) -> proc.Completed:
     argv = ssh.command_argv(cfg, host, scripts.wrap(script))
@@ -27,18 +31,19 @@ def _remote_message(stderr: str, fallback: str) -> tuple[str, str]:
     lines = stderr.strip().splitlines()
     for i, line in enumerate(lines):
         if line.startswith("jlremote: "):
-            return line[len("jlremote: "):], "\n".join(lines[i + 1:])
-    return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES:])
+            return line[len("jlremote: ") :], "\n".join(lines[i + 1 :])
+    return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES :])
 
 
-def launch(
-    cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str
-) -> RemoteServer:
+def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> RemoteServer:
     """Start the server on `host`; the token goes over stdin, never into an argv."""
     done = _ssh_script(
-        cfg, host, scripts.launch_script(spec),
+        cfg,
+        host,
+        scripts.launch_script(spec),
         timeout=spec.timeout + cfg.connect_timeout + 15,
-        what=f"starting the server on {host}", stdin_text=token + "\n",
+        what=f"starting the server on {host}",
+        stdin_text=token + "\n",
     )
     rc = done.returncode
     if rc != 0:
@@ -57,7 +62,8 @@ def launch(
                 f"'{spec.jupyter} {spec.subcommand}' is not installed on the remote "
                 f"(pip install {missing} there, or point --env/--jupyter at an environment "
                 "that has it)",
-                ExitCode.REMOTE_ENV, detail=detail,
+                ExitCode.REMOTE_ENV,
+                detail=detail,
             )
         if rc in (scripts.RC_SERVER_EXITED, scripts.RC_SERVER_TIMEOUT):
             if "as root is not recommended" in detail or "--allow-root" in detail:
@@ -107,9 +113,7 @@ def probe(
     return scripts.parse_probe_output(done.stdout)
 
 
-def stop(
-    cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0
-) -> str:
+def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0) -> str:
     """Stop exactly this server and remove its session directory; returns what happened:
     `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""
     script = scripts.stop_script(server, grace=grace)

@@ -110,11 +110,14 @@ def launch_script(spec: LaunchSpec) -> str:
         f"d={d}",
         "child=",
         # Whatever goes wrong after launch, the half-started server and its files go too.
-        'abort() { [ -n "$child" ] && kill "$child" 2>/dev/null; sleep 1; '
-        '[ -n "$child" ] && kill -9 "$child" 2>/dev/null; rm -rf "$d"; exit 1; }',
+        'end_child() { [ -n "$child" ] || return 0; kill "$child" 2>/dev/null; j=0; '
+        'while kill -0 "$child" 2>/dev/null && [ "$j" -lt 50 ]; do sleep 0.1; j=$((j+1)); done; '
+        'kill -9 "$child" 2>/dev/null; }',
+        'abort() { trap - PIPE HUP INT TERM; end_child; rm -rf "$d"; exit 1; }',
         "trap abort PIPE HUP INT TERM",
         f'mkdir -p {SESSIONS_ROOT} && chmod 700 "$HOME"/.jlremote {SESSIONS_ROOT} && mkdir "$d" '
-        f"|| {{ echo 'jlremote: cannot create the session directory' >&2; exit {RC_SESSION_DIR}; }}",
+        "|| { echo 'jlremote: cannot create the session directory' >&2; "
+        f"exit {RC_SESSION_DIR}; }}",
         f"IFS= read -r JUPYTER_TOKEN || {_fail(RC_NO_TOKEN, q('jlremote: no token on stdin'))}",
         "export JUPYTER_TOKEN",
         # A 0600 copy (umask 077) for attaching from another client; printf is a builtin.
@@ -123,7 +126,9 @@ def launch_script(spec: LaunchSpec) -> str:
     ]
     if spec.env:
         lines.append(
-            "{\n" + spec.env + "\n} </dev/null >&2 || "
+            "{\n"
+            + spec.env
+            + "\n} </dev/null >&2 || "
             + _fail(RC_ENV_FAILED, q("jlremote: the --env snippet failed on the remote"))
         )
     if spec.directory:
@@ -153,7 +158,7 @@ def launch_script(spec: LaunchSpec) -> str:
         + _fail(RC_SERVER_EXITED, q("jlremote: the server exited during start-up"), tail_log=True),
         "  i=$((i+1))",
         f'  if [ "$i" -gt {ticks} ]; then',
-        '    kill "$child" 2>/dev/null; sleep 1; kill -9 "$child" 2>/dev/null',
+        "    end_child",
         "    "
         + _fail(
             RC_SERVER_TIMEOUT,
@@ -164,7 +169,7 @@ def launch_script(spec: LaunchSpec) -> str:
         "  echo JLREMOTE-WAIT",
         "  sleep 0.1",
         "done",
-        'pid=${f##*-}; pid=${pid%.json}',
+        "pid=${f##*-}; pid=${pid%.json}",
         'st=$(TZ=UTC LC_ALL=C ps -o lstart= -p "$pid")',
         'ar=$(ps -ww -o args= -p "$pid")',
         """printf '%s\\n' "$pid" > "$d/server.pid\"""",
@@ -243,6 +248,7 @@ _IDENTITY_CHECK = (
     # is_ours PID START ARGS: is PID alive and still the very process we started?
     "is_ours() {\n"
     '  kill -0 "$1" 2>/dev/null || return 1\n'
+    '  case "$(ps -o stat= -p "$1")" in Z*) return 1;; esac\n'
     '  [ "$(TZ=UTC LC_ALL=C ps -o lstart= -p "$1")" = "$2" ] || return 2\n'
     '  [ "$(ps -ww -o args= -p "$1")" = "$3" ] || return 2\n'
     "}\n"
@@ -256,15 +262,13 @@ def probe_script(servers: list[ServerIdentity]) -> str:
     """
     lines = [_IDENTITY_CHECK.rstrip("\n")]
     lines.append(
-        "probe() { is_ours \"$2\" \"$3\" \"$4\"; case $? in "
+        'probe() { is_ours "$2" "$3" "$4"; case $? in '
         "0) s=running;; 1) s=gone;; *) s=foreign;; esac; "
-        "printf 'JLREMOTE-PROBE %s %s\\n' \"$1\" \"$s\"; }"
+        'printf \'JLREMOTE-PROBE %s %s\\n\' "$1" "$s"; }'
     )
     for srv in servers:
         session_dir_expr(srv.session_id)  # validates the id
-        lines.append(
-            f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}"
-        )
+        lines.append(f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}")
     return "\n".join(lines) + "\n"
 
 

@@ -66,8 +66,11 @@ def command_argv(cfg: SshConfig, host: str, command: str) -> list[str]:
     return [
         *_base(cfg),
         "-T",
-        "-o", f"ConnectTimeout={cfg.connect_timeout}",
-        "--", host, command,
+        "-o",
+        f"ConnectTimeout={cfg.connect_timeout}",
+        "--",
+        host,
+        command,
     ]
 
 
@@ -82,16 +85,27 @@ def tunnel_argv(cfg: SshConfig, host: str, local_port: int, remote_port: int) ->
     (ExitOnForwardFailure), with keepalives so a dead link makes it exit."""
     return [
         *_base(cfg),
-        "-f", "-N", "-T",
-        "-o", "ExitOnForwardFailure=yes",
-        "-o", "ControlMaster=no",
-        "-o", "ControlPath=none",
-        "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
-        "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
-        "-o", f"ConnectTimeout={cfg.connect_timeout}",
-        "-o", "PermitLocalCommand=no",
-        "-L", forward_spec(local_port, remote_port),
-        "--", host,
+        "-f",
+        "-N",
+        "-T",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-o",
+        "ControlMaster=no",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
+        "-o",
+        f"ServerAliveCountMax={KEEPALIVE_COUNT}",
+        "-o",
+        f"ConnectTimeout={cfg.connect_timeout}",
+        "-o",
+        "PermitLocalCommand=no",
+        "-L",
+        forward_spec(local_port, remote_port),
+        "--",
+        host,
     ]
 
 

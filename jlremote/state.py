@@ -68,8 +68,10 @@ class Session:
     def url(self) -> str:
         """The browser URL, token included."""
         page = "tree" if self.server.notebook else "lab"
-        base = self.server.base_url if self.server.base_url.endswith("/") else (
-            self.server.base_url + "/"
+        base = (
+            self.server.base_url
+            if self.server.base_url.endswith("/")
+            else (self.server.base_url + "/")
         )
         return f"http://127.0.0.1:{self.tunnel.local_port}{base}{page}?token={self.token}"
 
@@ -144,9 +146,7 @@ class StateStore:
                     "upgrade jlremote",
                     ExitCode.ERROR,
                 )
-            return {
-                name: Session.from_dict(entry) for name, entry in doc["sessions"].items()
-            }
+            return {name: Session.from_dict(entry) for name, entry in doc["sessions"].items()}
         except JlremoteError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -154,8 +154,9 @@ class StateStore:
                 return None
             aside = self.path.with_name(f"{STATE_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(self.path, aside)
-            log.warning("state file %s was corrupt; moved it to %s and started afresh",
-                        self.path, aside)
+            log.warning(
+                "state file %s was corrupt; moved it to %s and started afresh", self.path, aside
+            )
             return {}
 
     def _write(self, sessions: dict[str, Session]) -> None:

@@ -75,14 +75,15 @@ def open_tunnel(
     if done.returncode != 0:
         text = log_path.read_text(errors="replace")
         if "Address already in use" in text or "cannot listen to port" in text:
-            raise JlremoteError(
-                f"local port {local_port} is already in use", ExitCode.LOCAL_PORT
-            )
+            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
         raise ssh.explain_failure(host, text)
     found = _find_process(argv)
     if found is None:
-        raise JlremoteError("the tunnel's ssh exited right after starting", ExitCode.TUNNEL,
-                            detail=log_path.read_text(errors="replace").strip())
+        raise JlremoteError(
+            "the tunnel's ssh exited right after starting",
+            ExitCode.TUNNEL,
+            detail=log_path.read_text(errors="replace").strip(),
+        )
     return Tunnel(local_port, remote_port, found.pid, found.create_time())
 
 

@@ -12,7 +12,7 @@ from jlremote import remote, scripts, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.results import StartResult
-from jlremote.state import Session, StateStore
+from jlremote.state import Session, StateStore, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def start(opts: StartOptions) -> StartResult:
         raise JlremoteError(f"--local-port {opts.local_port} is not a port", ExitCode.USAGE)
     if opts.port is not None and not 1 <= opts.port <= 65535:
         raise JlremoteError(f"--port {opts.port} is not a port", ExitCode.USAGE)
-    cfg = ssh.SshConfig.from_environment()
+    cfg = ssh.SshConfig.from_environment(connect_timeout=int(min(10.0, max(1.0, opts.timeout))))
     store = StateStore(state_dir())
     with store.name_lock(name, timeout=opts.timeout + 60):
         existing = store.read().get(name)
@@ -90,9 +90,13 @@ def _reuse(
 ) -> StartResult | None:
     """Same URL for a live session (re-opening its tunnel if needed); None if it is gone."""
     alive = tunnel.tunnel_process(session.tunnel) is not None
-    if alive and tunnel.api_status(
-        session.tunnel.local_port, session.server.base_url, session.token, timeout=3.0
-    ) is not None:
+    if (
+        alive
+        and tunnel.api_status(
+            session.tunnel.local_port, session.server.base_url, session.token, timeout=3.0
+        )
+        is not None
+    ):
         log.debug("session %s is alive; reusing it", session.name)
         return _result(session, reused=True, reopened=False)
     # The tunnel is down (or wedged): ask the remote whether the server is still ours.
@@ -100,6 +104,8 @@ def _reuse(
     state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
     if state.get(session.server.session_id) != "running":
         log.info("the server of session %s is gone; starting a new one", session.name)
+        # Its session directory is garbage now; stop_script removes it (and kills nothing).
+        remote.stop(cfg, session.host, remote.identity(session.server), grace=0)
         with store.transaction() as sessions:
             sessions.pop(session.name, None)
         return None
@@ -108,8 +114,11 @@ def _reuse(
         if opts.local_port is not None and opts.local_port == local_port:
             tunnel.require_free_port(local_port)
         local_port = opts.local_port or tunnel.pick_free_port()
-        log.warning("local port %d is taken now; the session moves to port %d",
-                    session.tunnel.local_port, local_port)
+        log.warning(
+            "local port %d is taken now; the session moves to port %d",
+            session.tunnel.local_port,
+            local_port,
+        )
     new_tunnel = _open_and_verify(cfg, session.host, session, local_port, opts.timeout)
     session = replace(session, tunnel=new_tunnel)
     with store.transaction() as sessions:
@@ -119,14 +128,15 @@ def _reuse(
 
 def _open_and_verify(
     cfg: ssh.SshConfig, host: str, session: Session, local_port: int, timeout: float
-) -> tunnel.Tunnel:
+) -> Tunnel:
     logs = ensure_private_dir(state_dir() / "logs")
     t = tunnel.open_tunnel(
         cfg, host, local_port, session.server.port, logs / f"{session.name}.tunnel.log"
     )
     try:
-        tunnel.wait_for_api(local_port, session.server.base_url, session.token,
-                            timeout=min(timeout, 30.0))
+        tunnel.wait_for_api(
+            local_port, session.server.base_url, session.token, timeout=min(timeout, 30.0)
+        )
     except BaseException:
         tunnel.close_tunnel(t)
         raise
@@ -152,13 +162,17 @@ def _fresh(
     server = remote.launch(cfg, host, spec, token)
     log.debug("server pid %d listens on remote port %d", server.pid, server.port)
     session = Session(
-        name=name, host=host, token=token, server=server,
-        tunnel=tunnel.Tunnel(local_port=0, remote_port=server.port),
+        name=name,
+        host=host,
+        token=token,
+        server=server,
+        tunnel=Tunnel(local_port=0, remote_port=server.port),
     )
     try:
         local_port = opts.local_port or tunnel.pick_free_port()
-        session = replace(session, tunnel=_open_and_verify(cfg, host, session, local_port,
-                                                           opts.timeout))
+        session = replace(
+            session, tunnel=_open_and_verify(cfg, host, session, local_port, opts.timeout)
+        )
         with store.transaction() as sessions:
             sessions[name] = session
     except BaseException:

@@ -30,7 +30,11 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         def ask(host: str) -> tuple[str, dict[str, str] | None, str | None]:
             try:
                 servers = [s.server for s in by_host[host]]
-                return host, remote.probe(cfg, host, servers, timeout=cfg.connect_timeout + 10), None
+                return (
+                    host,
+                    remote.probe(cfg, host, servers, timeout=cfg.connect_timeout + 10),
+                    None,
+                )
             except JlremoteError as exc:
                 return host, None, exc.message
 

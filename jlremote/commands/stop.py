@@ -75,8 +75,12 @@ def _stop_one(
             log.warning("%s; forgetting session %r anyway", exc.message, name)
             server = "unknown"
         if server == "foreign":
-            log.warning("session %r: PID %d on %s is another process now; left it alone",
-                        name, session.server.pid, session.host)
+            log.warning(
+                "session %r: PID %d on %s is another process now; left it alone",
+                name,
+                session.server.pid,
+                session.host,
+            )
         with store.transaction() as sessions:
             sessions.pop(name, None)
         return StopResult(name, session.host, server, "closed" if closed else "down")

@@ -1,0 +1,84 @@
+# jlremote: developer tasks. `make test` sets up everything on a fresh Debian machine.
+SHELL := /bin/sh
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ROOT := $(shell [ "$$(id -u)" = 0 ] && echo yes)
+# The test remote's own JupyterLab: for the namespace remote (root) it must be readable by
+# an unprivileged user, so it is built from Debian's Python outside any home directory.
+REMOTE_VENV ?= $(if $(ROOT),/opt/jlremote-testbed/venv,$(CURDIR)/.venv-remote)
+REMOTE_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
+DEMO_DIR ?= $(CURDIR)/.demo
+export JLREMOTE_TEST_REMOTE_VENV := $(REMOTE_VENV)
+
+.PHONY: help system-deps dev testbed-venv lint unit test demo demo-down clean
+
+help:
+	@echo "make test       install what the tests need, lint, run the whole suite"
+	@echo "make lint       ruff + mypy --strict on the package"
+	@echo "make unit       only the fast tests (no sshd needed)"
+	@echo "make demo       a throwaway local 'remote' (sshd + JupyterLab) and a real start"
+	@echo "make demo-down  stop the demo session and tear the sandbox down"
+
+# Debian packages the end-to-end tests use (installed only when missing, only as root).
+system-deps:
+	@missing=""; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
+	command -v ps >/dev/null 2>&1 || missing="$$missing procps"; \
+	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
+	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ -n "$(ROOT)" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
+	  else echo "missing:$$missing (install them, or run as root on Debian)"; exit 1; fi; \
+	fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+dev: $(BIN)/.installed
+
+$(REMOTE_VENV)/bin/jupyter-lab:
+	$(REMOTE_PYTHON) -m venv $(REMOTE_VENV)
+	$(REMOTE_VENV)/bin/pip install -q jupyterlab notebook
+
+testbed-venv: system-deps $(REMOTE_VENV)/bin/jupyter-lab
+
+lint: dev
+	$(BIN)/ruff check jlremote tests
+	$(BIN)/ruff format --check jlremote
+	$(BIN)/mypy --strict jlremote
+
+unit: dev
+	$(BIN)/python -m pytest -q -m 'not e2e'
+
+test: system-deps dev testbed-venv lint
+	$(BIN)/python -m pytest -q
+
+demo: system-deps dev testbed-venv
+	@$(BIN)/python -m tests.testbed up $(DEMO_DIR)
+	@JLREMOTE_SSH_CONFIG=$(DEMO_DIR)/ssh_config JLREMOTE_STATE_DIR=$(DEMO_DIR)/state \
+	  $(BIN)/jlremote start remote --no-open
+	@echo
+	@echo "Open the URL above in a browser on this machine. Then:"
+	@echo "  export JLREMOTE_SSH_CONFIG=$(DEMO_DIR)/ssh_config JLREMOTE_STATE_DIR=$(DEMO_DIR)/state"
+	@echo "  $(BIN)/jlremote status          # what runs"
+	@echo "  $(BIN)/jlremote stop remote     # stop it"
+	@echo "  make demo-down                  # stop everything and remove the sandbox"
+
+demo-down: dev
+	@-JLREMOTE_SSH_CONFIG=$(DEMO_DIR)/ssh_config JLREMOTE_STATE_DIR=$(DEMO_DIR)/state \
+	  $(BIN)/jlremote stop --all --forget --grace 3
+	@$(BIN)/python -m tests.testbed down $(DEMO_DIR)
+	@rm -rf $(DEMO_DIR)
+	@echo "demo sandbox removed"
+
+clean:
+	rm -rf $(VENV) .venv-remote .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,362 @@
+"""A throwaway "remote" with a real sshd and a real JupyterLab, for tests, demo and bench.
+
+As root: a network namespace joined to us by a veth pair on a private /24, sshd inside it
+with its own config and host key, and an unprivileged user; the remote's 127.0.0.1 is not
+ours, as on a real remote. Otherwise: sshd on a high loopback port, as the current user.
+
+    python -m tests.testbed up DIR     # bring one up, print how to use it
+    python -m tests.testbed down DIR   # tear it down (processes, namespace, user, files)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+ALIAS = "remote"
+
+
+def default_remote_venv() -> Path:
+    """Where `make` put the remote's JupyterLab (readable by the remote user)."""
+    env = os.environ.get("JLREMOTE_TEST_REMOTE_VENV")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/opt/jlremote-testbed/venv")
+    return Path(__file__).resolve().parent.parent / ".venv-remote"
+
+
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=60)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Testbed:
+    __test__ = False  # not a pytest test class
+
+    """Everything needed to use and to tear down one test remote."""
+
+    workdir: str
+    user: str
+    remote_ip: str
+    port: int
+    netns: str | None
+    veth: str | None
+    created_user: bool
+    sshd_pid: int
+    remote_venv: str
+
+    @property
+    def ssh_config(self) -> str:
+        return f"{self.workdir}/ssh_config"
+
+    @property
+    def unused_ip(self) -> str:
+        """An address on our own /24 where nothing answers."""
+        return self.remote_ip.rsplit(".", 1)[0] + ".3" if self.netns else "127.0.0.1"
+
+    @property
+    def home(self) -> str:
+        return pwd.getpwnam(self.user).pw_dir
+
+    # ---- running things "on the remote" -------------------------------------------------
+    def remote_argv(self, argv: list[str]) -> list[str]:
+        """argv run as the remote user inside the remote's network namespace."""
+        if self.netns is None:
+            return argv
+        return ["ip", "netns", "exec", self.netns, "runuser", "-u", self.user, "--", *argv]
+
+    def remote_run(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.remote_argv(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd="/",
+            check=False,
+        )
+
+    def remote_popen(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        out = open(log, "wb")  # noqa: SIM115 - owned by the child
+        env = dict(
+            os.environ, HOME=self.home, PATH=f"{self.remote_venv}/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        )
+        return subprocess.Popen(
+            self.remote_argv(argv),
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            cwd="/",
+            env=env,
+            start_new_session=True,
+        )
+
+    def remote_pids(self) -> list[int]:
+        """PIDs of every process the remote user runs, except sshd's own."""
+        pids = []
+        uid = pwd.getpwnam(self.user).pw_uid
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == "Z":  # exited; only waits for init to reap it
+                continue
+            if cmd.startswith("sshd:") or int(entry.name) == os.getpid():
+                continue
+            if self.netns is None and ("jupyter" not in cmd and ".jlremote" not in cmd):
+                continue  # without root the "remote user" is us: only look at servers
+            pids.append(int(entry.name))
+        return pids
+
+    def listening(self) -> str:
+        """`ss -ltnp` as seen inside the remote."""
+        argv = ["ss", "-ltnpH"]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        return _run(argv).stdout
+
+    # ---- life cycle ----------------------------------------------------------------------
+    @classmethod
+    def create(cls, workdir: Path | None = None) -> Testbed:
+        remote_venv = default_remote_venv()
+        if not (remote_venv / "bin" / "jupyter-lab").exists():
+            raise RuntimeError(f"no JupyterLab in {remote_venv}: run `make testbed-venv`")
+        work = Path(workdir or tempfile.mkdtemp(prefix="jlremote-testbed-"))
+        work.mkdir(parents=True, exist_ok=True)
+        os.chmod(work, 0o755)  # sshd reads authorized_keys as the user
+        root = os.geteuid() == 0
+        tag = f"{random.randrange(16**4):04x}"
+        bed = cls(
+            workdir=str(work),
+            user="",
+            remote_ip="127.0.0.1",
+            port=22,
+            netns=None,
+            veth=None,
+            created_user=False,
+            sshd_pid=0,
+            remote_venv=str(remote_venv),
+        )
+        try:
+            if root:
+                bed._make_namespace(tag)
+                bed.user = f"jlr{tag}"
+                _run(["useradd", "-m", "-s", "/bin/bash", bed.user])
+                bed.created_user = True
+                # "*": no password, but not "locked" (sshd refuses locked accounts).
+                _run(["usermod", "-p", "*", bed.user])
+            else:
+                bed.user = pwd.getpwuid(os.getuid()).pw_name
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    bed.port = s.getsockname()[1]
+            bed._write_keys_and_configs()
+            bed._start_sshd()
+        except BaseException:
+            bed.close()
+            raise
+        bed.save()
+        return bed
+
+    def _make_namespace(self, tag: str) -> None:
+        used = _run(["ip", "-o", "addr"]).stdout
+        for _ in range(50):
+            net = f"10.213.{random.randrange(1, 254)}"
+            if f" {net}." not in used:
+                break
+        self.netns = f"jlr-{tag}"
+        self.veth = f"jlrh{tag}"
+        peer = f"jlrr{tag}"
+        self.remote_ip = f"{net}.2"
+        _run(["ip", "netns", "add", self.netns])
+        _run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer])
+        _run(["ip", "link", "set", peer, "netns", self.netns])
+        _run(["ip", "addr", "add", f"{net}.1/24", "dev", self.veth])
+        _run(["ip", "link", "set", self.veth, "up"])
+        ns = ["ip", "netns", "exec", self.netns]
+        _run([*ns, "ip", "addr", "add", f"{net}.2/24", "dev", peer])
+        _run([*ns, "ip", "link", "set", peer, "up"])
+        _run([*ns, "ip", "link", "set", "lo", "up"])
+
+    def _write_keys_and_configs(self) -> None:
+        w = Path(self.workdir)
+        for key in ("host_key", "client_key", "other_key", "wrong_host_key"):
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(w / key)])
+        keys = w / "authorized_keys"
+        keys.mkdir(mode=0o755, exist_ok=True)
+        (keys / self.user).write_text((w / "client_key.pub").read_text())
+        os.chmod(keys / self.user, 0o644)
+        pub = (w / "host_key.pub").read_text().split()
+        wrong = (w / "wrong_host_key.pub").read_text().split()
+        name = self.remote_ip if self.port == 22 else f"[{self.remote_ip}]:{self.port}"
+        (w / "known_hosts").write_text(f"{name} {pub[0]} {pub[1]}\n")
+        (w / "known_hosts_wrong").write_text(f"{name} {wrong[0]} {wrong[1]}\n")
+        path = f"{self.remote_venv}/bin:/usr/local/bin:/usr/bin:/bin"
+        (w / "sshd_config").write_text(
+            f"Port {self.port}\nListenAddress {self.remote_ip}\nHostKey {w}/host_key\n"
+            f"PidFile {w}/sshd.pid\nAuthorizedKeysFile {w}/authorized_keys/%u\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
+            "AllowTcpForwarding yes\nAllowStreamLocalForwarding yes\nX11Forwarding no\n"
+            f"PrintMotd no\nAllowUsers {self.user}\nLogLevel VERBOSE\n"
+            f"SetEnv PATH={path}\nMaxStartups 100\nMaxSessions 100\n"
+            # The work dir lives under /tmp (mode 1777), which StrictModes rejects.
+            "StrictModes no\n"
+        )
+        key = f"  IdentityFile {w}/client_key\n"
+        common = (
+            f"  User {self.user}\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {w}/known_hosts\n  GlobalKnownHostsFile /dev/null\n"
+            "  StrictHostKeyChecking yes\n  BatchMode yes\n"
+        )
+        (w / "ssh_config").write_text(
+            f"Host {ALIAS}\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}{common}"
+            f"Host unreachable\n  HostName {self.unused_ip}\n"
+            f"  Port {22 if self.netns else 1}\n{key}{common}"
+            f"Host refused\n  HostName {self.remote_ip}\n  Port 1\n{key}{common}"
+            f"Host badkey\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
+            f"  UserKnownHostsFile {w}/known_hosts_wrong\n{common}"
+            f"Host noauth\n  HostName {self.remote_ip}\n  Port {self.port}\n"
+            f"  IdentityFile {w}/other_key\n{common}"
+        )
+
+    def _start_sshd(self) -> None:
+        w = Path(self.workdir)
+        argv = [SSHD, "-D", "-e", "-f", f"{w}/sshd_config"]
+        if self.netns:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        log = open(w / "sshd.log", "wb")  # noqa: SIM115 - owned by sshd
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        self.sshd_pid = proc.pid
+        with contextlib.suppress(TimeoutError):
+            wait_until(
+                lambda: proc.poll() is not None or _port_open(self.remote_ip, self.port),
+                10,
+                "sshd to listen",
+            )
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd failed: {(w / 'sshd.log').read_text()}")
+
+    def save(self) -> None:
+        (Path(self.workdir) / "testbed.json").write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, workdir: Path) -> Testbed:
+        return cls(**json.loads((workdir / "testbed.json").read_text()))
+
+    def kill_local_ssh(self) -> list[int]:
+        """Kill every local ssh process that uses this testbed's config (tunnels)."""
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if self.ssh_config.encode() in args and args and args[0].endswith(b"ssh"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+        return killed
+
+    def kill_remote_processes(self) -> list[int]:
+        pids = self.remote_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def close(self) -> None:
+        """Tear everything down; safe to call twice and on a half-built testbed."""
+        with contextlib.suppress(Exception):
+            self.kill_local_ssh()
+        if self.user:
+            with contextlib.suppress(Exception):
+                self.kill_remote_processes()
+        if self.netns:
+            pids = _run(["ip", "netns", "pids", self.netns], check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if self.sshd_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.sshd_pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.sshd_pid, 0)
+        if self.netns:
+            _run(["ip", "netns", "del", self.netns], check=False)
+            if self.veth:
+                _run(["ip", "link", "del", self.veth], check=False)
+        if self.created_user:
+            pids = self.remote_pids() if self.user else []
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            _run(["userdel", "-r", "-f", self.user], check=False)
+        elif self.user:
+            shutil.rmtree(Path(self.home) / ".jlremote" / "sessions", ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _main() -> int:
+    if len(sys.argv) != 3 or sys.argv[1] not in ("up", "down"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    work = Path(sys.argv[2]).resolve()
+    if sys.argv[1] == "up":
+        if (work / "testbed.json").exists():
+            Testbed.load(work).close()
+        bed = Testbed.create(work)
+        print(f"testbed up: host alias '{ALIAS}' -> {bed.user}@{bed.remote_ip}:{bed.port}")
+        print(f"  export JLREMOTE_SSH_CONFIG={bed.ssh_config}")
+        return 0
+    if (work / "testbed.json").exists():
+        Testbed.load(work).close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
