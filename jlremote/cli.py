@@ -22,6 +22,11 @@ app = typer.Typer(
     "own OpenSSH, with one command.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect, "
+    "5 authentication or host key, 6 remote environment (jupyter, --dir, --env), "
+    "7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed, "
+    "130 interrupted. Environment: JLREMOTE_STATE_DIR, JLREMOTE_SSH, JLREMOTE_SSH_CONFIG.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -95,7 +100,8 @@ def _main(
 
     Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect,
     5 authentication or host key, 6 remote environment (jupyter, --dir, --env),
-    7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed.
+    7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed,
+    130 interrupted.
     """
     _setup_logging(verbose)
 
