@@ -26,6 +26,18 @@ def _ssh_script(
     return done
 
 
+def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
+    """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
+    for a password or 2FA, before anything runs in parallel."""
+    _ssh_script(cfg, host, "true", timeout=timeout, what=f"connecting to {host}")
+
+
+def release(cfg: ssh.SshConfig, host: str) -> None:
+    """Close jlremote's control connection to HOST, if there is one."""
+    if ssh.control_path(cfg):
+        proc.run(ssh.control_exit_argv(cfg, host), timeout=10, what="ssh -O exit")
+
+
 def _remote_message(stderr: str, fallback: str) -> tuple[str, str]:
     """Our script's own `jlremote: ...` line (the message) and what followed it (detail)."""
     lines = stderr.strip().splitlines()

@@ -26,6 +26,8 @@ class SshConfig:
     binary: str = "ssh"
     config_file: str | None = None
     connect_timeout: int = 10
+    # Where jlremote's own control sockets live (None: no connection sharing).
+    control_dir: str | None = None
 
     @classmethod
     def from_environment(cls, connect_timeout: int = 10) -> SshConfig:
@@ -39,10 +41,13 @@ class SshConfig:
                 "Install OpenSSH or set JLREMOTE_SSH to its path",
                 ExitCode.NO_SSH,
             )
+        from jlremote.paths import runtime_dir
+
         return cls(
             binary=found,
             config_file=os.environ.get("JLREMOTE_SSH_CONFIG") or None,
             connect_timeout=connect_timeout,
+            control_dir=str(runtime_dir()),
         )
 
 
@@ -60,18 +65,25 @@ def _base(cfg: SshConfig) -> list[str]:
     return argv
 
 
+def control_path(cfg: SshConfig) -> str | None:
+    """jlremote's own ControlPath for short commands (ssh expands %C per host)."""
+    return f"{cfg.control_dir}/cm-%C" if cfg.control_dir else None
+
+
 def command_argv(cfg: SshConfig, host: str, command: str) -> list[str]:
     """`ssh HOST -- COMMAND` for a short remote command: no pty (a pty would kill a server
-    on hang-up), the user's config otherwise untouched (their ControlMaster is welcome)."""
-    return [
-        *_base(cfg),
-        "-T",
-        "-o",
-        f"ConnectTimeout={cfg.connect_timeout}",
-        "--",
-        host,
-        command,
-    ]
+    on hang-up). It shares a connection through jlremote's own ControlMaster (kept 30 s),
+    never the user's and never the tunnel's, so no command can take a listener with it."""
+    argv = [*_base(cfg), "-T", "-o", f"ConnectTimeout={cfg.connect_timeout}"]
+    path = control_path(cfg)
+    if path:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=30"]
+    return [*argv, "--", host, command]
+
+
+def control_exit_argv(cfg: SshConfig, host: str) -> list[str]:
+    """Close jlremote's shared control connection to HOST (`ssh -O exit`)."""
+    return [*_base(cfg), "-o", f"ControlPath={control_path(cfg)}", "-O", "exit", "--", host]
 
 
 def forward_spec(local_port: int, remote_port: int) -> str:
@@ -79,34 +91,39 @@ def forward_spec(local_port: int, remote_port: int) -> str:
     return f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}"
 
 
-def tunnel_argv(cfg: SshConfig, host: str, local_port: int, remote_port: int) -> list[str]:
-    """The tunnel: its own connection (ControlPath=none, so a user's master cannot take the
-    listener), backgrounded by ssh itself (-f) only once the forward is listening
-    (ExitOnForwardFailure), with keepalives so a dead link makes it exit."""
+def tunnel_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
+    """The tunnel's own connection: a dedicated master at PATH used for nothing but this
+    session's forward, so its listener dies with it and with nothing else. ssh returns
+    (-f) once authenticated, which can prompt on the terminal first; keepalives make it exit
+    when the link is dead."""
     return [
         *_base(cfg),
-        "-f",
-        "-N",
-        "-T",
-        "-o",
-        "ExitOnForwardFailure=yes",
-        "-o",
-        "ControlMaster=no",
-        "-o",
-        "ControlPath=none",
-        "-o",
-        f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
-        "-o",
-        f"ServerAliveCountMax={KEEPALIVE_COUNT}",
-        "-o",
-        f"ConnectTimeout={cfg.connect_timeout}",
-        "-o",
-        "PermitLocalCommand=no",
-        "-L",
-        forward_spec(local_port, remote_port),
-        "--",
-        host,
-    ]
+        "-f", "-N", "-T",
+        "-o", "ControlMaster=yes",
+        "-o", f"ControlPath={path}",
+        "-o", "ControlPersist=no",
+        "-o", "ExitOnForwardFailure=yes",
+        "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
+        "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
+        "-o", f"ConnectTimeout={cfg.connect_timeout}",
+        "-o", "PermitLocalCommand=no",
+        "--", host,
+    ]  # fmt: skip
+
+
+def forward_argv(
+    cfg: SshConfig, host: str, path: str, local_port: int, remote_port: int
+) -> list[str]:
+    """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
+    return [
+        *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward",
+        "-L", forward_spec(local_port, remote_port), "--", host,
+    ]  # fmt: skip
+
+
+def check_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
+    """`ssh -O check`: prints `Master running (pid=N)` when the master at PATH is up."""
+    return [*_base(cfg), "-o", f"ControlPath={path}", "-O", "check", "--", host]
 
 
 _PATTERNS: list[tuple[str, ExitCode, str]] = [

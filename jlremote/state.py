@@ -45,12 +45,15 @@ class RemoteServer:
 
 @dataclass(frozen=True)
 class Tunnel:
-    """The local `ssh -N -L` process (pid + create_time identify it) and its two ports."""
+    """The local ssh process that listens on LOCAL and forwards to the remote port; PID,
+    create_time and control_path (in its command line) identify it."""
 
     local_port: int
     remote_port: int
     pid: int | None = None
     create_time: float | None = None
+    # The tunnel's own ssh master; its control socket's path also identifies the process.
+    control_path: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
+import os
+import re
 import socket
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,53 +53,89 @@ def require_free_port(port: int) -> None:
         )
 
 
-def _find_process(argv: list[str]) -> psutil.Process | None:
-    """The newest process whose command line is exactly `argv` (ssh -f's background child)."""
-    best: psutil.Process | None = None
-    for p in psutil.process_iter(["name", "cmdline", "create_time"]):
-        try:
-            if p.info["cmdline"] == argv and (
-                best is None or p.info["create_time"] > best.info["create_time"]
-            ):
-                best = p
-        except (psutil.Error, KeyError):
-            continue
-    return best
+def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path) -> Tunnel:
+    """Open the tunnel's own ssh connection (no forward yet); returns once authenticated.
 
+    Ports are 0 until add_forward() is called.
+    """
+    from jlremote.paths import runtime_dir
 
-def open_tunnel(
-    cfg: ssh.SshConfig, host: str, local_port: int, remote_port: int, log_path: Path
-) -> Tunnel:
-    """Start `ssh -f -N -L 127.0.0.1:L:127.0.0.1:R HOST`; ssh returns once it listens."""
-    argv = ssh.tunnel_argv(cfg, host, local_port, remote_port)
+    path = str(runtime_dir() / f"tun-{session_id}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket from a master that was killed
     log_path.write_bytes(b"")
     done = proc.run(
-        argv, timeout=cfg.connect_timeout + 20, output_file=log_path, what="opening the tunnel"
+        ssh.tunnel_master_argv(cfg, host, path),
+        timeout=cfg.connect_timeout + 30,
+        output_file=log_path,
+        what=f"connecting to {host}",
     )
     if done.returncode != 0:
-        text = log_path.read_text(errors="replace")
-        if "Address already in use" in text or "cannot listen to port" in text:
-            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
-        raise ssh.explain_failure(host, text)
-    found = _find_process(argv)
-    if found is None:
+        raise ssh.explain_failure(host, log_path.read_text(errors="replace"))
+    check = proc.run(ssh.check_master_argv(cfg, host, path), timeout=10, what="ssh -O check")
+    found = re.search(r"pid=(\d+)", check.stderr + check.stdout)
+    if check.returncode != 0 or not found:
         raise JlremoteError(
             "the tunnel's ssh exited right after starting",
             ExitCode.TUNNEL,
             detail=log_path.read_text(errors="replace").strip(),
         )
-    return Tunnel(local_port, remote_port, found.pid, found.create_time())
+    pid = int(found.group(1))
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        raise JlremoteError(
+            "the tunnel's ssh exited right after starting", ExitCode.TUNNEL
+        ) from None
+    return Tunnel(0, 0, pid, created, path)
+
+
+def add_forward(
+    cfg: ssh.SshConfig, host: str, master: Tunnel, local_port: int, remote_port: int
+) -> Tunnel:
+    """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to REMOTE."""
+    done = proc.run(
+        ssh.forward_argv(cfg, host, master.control_path, local_port, remote_port),
+        timeout=15,
+        what="adding the forward",
+    )
+    if done.returncode != 0:
+        if not port_is_free(local_port):
+            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
+        last = done.stderr.strip().splitlines()
+        raise JlremoteError(
+            f"could not forward local port {local_port}: {last[-1] if last else 'ssh failed'}",
+            ExitCode.TUNNEL,
+        )
+    return replace(master, local_port=local_port, remote_port=remote_port)
+
+
+def open_tunnel(
+    cfg: ssh.SshConfig,
+    host: str,
+    session_id: str,
+    local_port: int,
+    remote_port: int,
+    log_path: Path,
+) -> Tunnel:
+    """The tunnel's own connection plus its forward, in one go."""
+    master = start_master(cfg, host, session_id, log_path)
+    try:
+        return add_forward(cfg, host, master, local_port, remote_port)
+    except BaseException:
+        close_tunnel(master)
+        raise
 
 
 def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
     """The live tunnel process, only if PID, start time and command line all still match."""
-    if tunnel.pid is None or tunnel.create_time is None:
+    if tunnel.pid is None or tunnel.create_time is None or not tunnel.control_path:
         return None
     try:
         p = psutil.Process(tunnel.pid)
         if abs(p.create_time() - tunnel.create_time) > 0.01:
             return None
-        if ssh.forward_spec(tunnel.local_port, tunnel.remote_port) not in p.cmdline():
+        if not any(tunnel.control_path in arg for arg in p.cmdline()):
             return None
         if p.status() == psutil.STATUS_ZOMBIE:
             return None
@@ -107,17 +147,19 @@ def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
 def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
     """Terminate our tunnel process (TERM, then KILL). False if it was already gone."""
     p = tunnel_process(tunnel)
-    if p is None:
-        return False
-    try:
-        p.terminate()
-        _gone, alive = psutil.wait_procs([p], timeout=grace)
-        for q in alive:
-            q.kill()
-        psutil.wait_procs(alive, timeout=grace)
-    except psutil.NoSuchProcess:
-        pass
-    return True
+    if p is not None:
+        try:
+            p.terminate()
+            _gone, alive = psutil.wait_procs([p], timeout=grace)
+            for q in alive:
+                q.kill()
+            psutil.wait_procs(alive, timeout=grace)
+        except psutil.NoSuchProcess:
+            pass
+    if tunnel.control_path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tunnel.control_path)
+    return p is not None
 
 
 def api_status(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any] | None:
@@ -138,15 +180,19 @@ def api_status(local_port: int, base_url: str, token: str, timeout: float) -> di
         return None
 
 
-def wait_for_api(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any]:
-    """Poll /api/status until it answers 200 or `timeout` runs out."""
+def wait_for_api(
+    local_port: int, base_url: str, token: str, timeout: float, log_path: Path | None = None
+) -> dict[str, Any]:
+    """Poll /api/status until it answers 200 or `timeout` runs out. With the tunnel's
+    `log_path`, stop early once ssh says the far end refused the connection."""
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
         answer = api_status(local_port, base_url, token, timeout=max(0.5, min(5.0, remaining)))
         if answer is not None:
             return answer
-        if time.monotonic() >= deadline:
+        refused = log_path is not None and "open failed" in log_path.read_text(errors="replace")
+        if refused or time.monotonic() >= deadline:
             raise JlremoteError(
                 f"the server did not answer through the tunnel on port {local_port} "
                 f"within {timeout:.0f}s",

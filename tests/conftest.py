@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ class Jl:
     def __init__(self, env: dict[str, str], state_dir: Path) -> None:
         self.env = env
         self.state_dir = state_dir
+        self.runtime_dir = state_dir
 
     def __call__(
         self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
@@ -107,12 +110,20 @@ def jl(testbed: Testbed, tmp_path: Path) -> Iterator[Jl]:
     """A CLI runner against the testbed. Afterwards every session is stopped, and any
     process left on either side fails the test."""
     state = tmp_path / "state"
-    env = dict(os.environ, JLREMOTE_STATE_DIR=str(state), JLREMOTE_SSH_CONFIG=testbed.ssh_config)
+    runtime = tempfile.mkdtemp(prefix="jlr-", dir="/tmp")  # control sockets want short paths
+    env = dict(
+        os.environ,
+        JLREMOTE_STATE_DIR=str(state),
+        JLREMOTE_SSH_CONFIG=testbed.ssh_config,
+        JLREMOTE_RUNTIME_DIR=runtime,
+    )
     env.pop("DISPLAY", None)
     runner = Jl(env, state)
+    runner.runtime_dir = Path(runtime)
     yield runner
     runner("stop", "--all", "--forget", "--grace", "3")
-    stray_local = testbed.kill_local_ssh()
+    stray_local = testbed.kill_local_ssh(marker=runtime)
+    shutil.rmtree(runtime, ignore_errors=True)
     stray_remote = testbed.kill_remote_processes()
     assert not stray_local, f"ssh processes left behind: {stray_local}"
     assert not stray_remote, f"remote processes left behind: {stray_remote}"

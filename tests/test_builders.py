@@ -14,6 +14,7 @@ from jlremote.scripts import LaunchSpec, ServerIdentity
 
 CFG = ssh.SshConfig(binary="/usr/bin/ssh", config_file=None, connect_timeout=7)
 CFG_F = ssh.SshConfig(binary="/usr/bin/ssh", config_file="/tmp/cfg", connect_timeout=7)
+CFG_CM = ssh.SshConfig(binary="/usr/bin/ssh", connect_timeout=7, control_dir="/run/jl")
 
 
 def test_command_argv() -> None:
@@ -27,20 +28,46 @@ def test_command_argv() -> None:
         "true",
     ]
     assert ssh.command_argv(CFG_F, "u@h", "x")[:3] == ["/usr/bin/ssh", "-F", "/tmp/cfg"]
+    assert ssh.command_argv(CFG_CM, "gpubox", "true") == [
+        "/usr/bin/ssh",
+        "-T",
+        "-o",
+        "ConnectTimeout=7",
+        "-o",
+        "ControlMaster=auto",
+        "-o",
+        "ControlPath=/run/jl/cm-%C",
+        "-o",
+        "ControlPersist=30",
+        "--",
+        "gpubox",
+        "true",
+    ]
+    assert ssh.control_exit_argv(CFG_CM, "gpubox") == [
+        "/usr/bin/ssh",
+        "-o",
+        "ControlPath=/run/jl/cm-%C",
+        "-O",
+        "exit",
+        "--",
+        "gpubox",
+    ]
 
 
 def test_tunnel_argv() -> None:
-    assert ssh.tunnel_argv(CFG, "gpubox", 9000, 34567) == [
+    assert ssh.tunnel_master_argv(CFG, "gpubox", "/run/jl/tun-ab") == [
         "/usr/bin/ssh",
         "-f",
         "-N",
         "-T",
         "-o",
+        "ControlMaster=yes",
+        "-o",
+        "ControlPath=/run/jl/tun-ab",
+        "-o",
+        "ControlPersist=no",
+        "-o",
         "ExitOnForwardFailure=yes",
-        "-o",
-        "ControlMaster=no",
-        "-o",
-        "ControlPath=none",
         "-o",
         "ServerAliveInterval=5",
         "-o",
@@ -49,15 +76,33 @@ def test_tunnel_argv() -> None:
         "ConnectTimeout=7",
         "-o",
         "PermitLocalCommand=no",
+        "--",
+        "gpubox",
+    ]
+    assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9000, 34567) == [
+        "/usr/bin/ssh",
+        "-o",
+        "ControlPath=/run/jl/tun-ab",
+        "-O",
+        "forward",
         "-L",
         "127.0.0.1:9000:127.0.0.1:34567",
+        "--",
+        "gpubox",
+    ]
+    assert ssh.check_master_argv(CFG, "gpubox", "/run/jl/tun-ab") == [
+        "/usr/bin/ssh",
+        "-o",
+        "ControlPath=/run/jl/tun-ab",
+        "-O",
+        "check",
         "--",
         "gpubox",
     ]
 
 
 def test_no_option_weakens_host_key_checking() -> None:
-    argv = ssh.tunnel_argv(CFG, "h", 1, 2) + ssh.command_argv(CFG, "h", "c")
+    argv = ssh.tunnel_master_argv(CFG, "h", "/p") + ssh.command_argv(CFG_CM, "h", "c")
     assert not any("StrictHostKeyChecking" in a or "KnownHostsFile" in a for a in argv)
 
 

@@ -37,7 +37,7 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
 
 
 def assert_nothing_left(bed: Testbed, jl: Jl) -> None:
-    assert bed.kill_local_ssh() == []
+    assert bed.kill_local_ssh(marker=str(jl.runtime_dir)) == []
     assert bed.kill_remote_processes() == []
     assert jl.sessions() == {}
     sessions = Path(bed.home) / ".jlremote" / "sessions"
@@ -358,3 +358,61 @@ def test_stop_without_name_when_several(jl: Jl) -> None:
     assert r.rc == 0
     assert sorted(x["name"] for x in r.json()) == ["a", "b"]
     assert all(x["server"] == "stopped" for x in r.json())
+
+
+def test_users_controlmaster_cannot_take_the_listener(jl: Jl, testbed: Testbed) -> None:
+    """With `ControlMaster auto` in the user's config and a master up, the forward still
+    belongs to a connection of ours: stop closes the port, the user's master lives on."""
+    subprocess.run(
+        ["ssh", "-F", testbed.ssh_config, f"{ALIAS}-cm", "true"],
+        check=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    user_master = Path(testbed.workdir).glob("user-*")
+    sockets = list(user_master)
+    assert len(sockets) == 1
+    try:
+        data = jl("start", f"{ALIAS}-cm", "--json").json()
+        url = data["url"]
+        assert http_get(api(url, "api/status"), token_of(url))[0] == 200
+        assert jl("stop").rc == 0
+        assert http_get(api(url, "api/status"), token_of(url))[0] == 0  # port closed
+        check = subprocess.run(
+            ["ssh", "-F", testbed.ssh_config, "-O", "check", f"{ALIAS}-cm"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert check.returncode == 0, check.stderr  # the user's master is untouched
+    finally:
+        subprocess.run(
+            ["ssh", "-F", testbed.ssh_config, "-O", "exit", f"{ALIAS}-cm"],
+            capture_output=True,
+            timeout=10,
+        )
+        testbed.kill_local_ssh(marker=str(sockets[0]) if sockets else None)
+
+
+def test_control_connection_is_closed_after_the_last_stop(jl: Jl, testbed: Testbed) -> None:
+    assert jl("start", ALIAS).rc == 0
+    assert jl("status").rc == 0
+    masters = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(jl.runtime_dir) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert masters  # the shared control connection and the tunnel's own
+    assert jl("stop").rc == 0
+    wait_until(
+        lambda: (
+            not [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if str(jl.runtime_dir) in " ".join(p.info["cmdline"] or [])
+            ]
+        ),
+        10,
+        "our ssh connections to close",
+    )

@@ -249,9 +249,12 @@ class Testbed:
             "  StrictHostKeyChecking yes\n  BatchMode yes\n"
         )
         (w / "ssh_config").write_text(
-            f"Host {ALIAS}\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}{common}"
+            f"Host {ALIAS} {ALIAS}-b {ALIAS}-c\n  HostName {self.remote_ip}\n"
+            f"  Port {self.port}\n{key}{common}"
             f"Host unreachable\n  HostName {self.unused_ip}\n"
             f"  Port {22 if self.netns else 1}\n{key}{common}"
+            f"Host {ALIAS}-cm\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
+            f"  ControlMaster auto\n  ControlPath {w}/user-%C\n  ControlPersist 120\n{common}"
             f"Host refused\n  HostName {self.remote_ip}\n  Port 1\n{key}{common}"
             f"Host badkey\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
             f"  UserKnownHostsFile {w}/known_hosts_wrong\n{common}"
@@ -286,8 +289,9 @@ class Testbed:
     def load(cls, workdir: Path) -> Testbed:
         return cls(**json.loads((workdir / "testbed.json").read_text()))
 
-    def kill_local_ssh(self) -> list[int]:
-        """Kill every local ssh process that uses this testbed's config (tunnels)."""
+    def kill_local_ssh(self, marker: str | None = None) -> list[int]:
+        """Kill every local ssh process that uses this testbed's config (tunnels), or whose
+        command line mentions `marker` (masters rename themselves `ssh: PATH [mux]`)."""
         killed = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -296,7 +300,14 @@ class Testbed:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if self.ssh_config.encode() in args and args and args[0].endswith(b"ssh"):
+            ours = self.ssh_config.encode() in args and args[0].endswith(b"ssh")
+            if (
+                marker is not None
+                and args[0].startswith(b"ssh")
+                and marker.encode() in b" ".join(args)
+            ):
+                ours = True
+            if ours:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
                     killed.append(int(entry.name))

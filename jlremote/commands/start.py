@@ -6,13 +6,15 @@ import contextlib
 import logging
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from jlremote import remote, scripts, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.results import StartResult
-from jlremote.state import Session, StateStore, Tunnel
+from jlremote.state import RemoteServer, Session, StateStore, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,11 @@ def start(opts: StartOptions) -> StartResult:
 def _reuse(
     cfg: ssh.SshConfig, store: StateStore, session: Session, opts: StartOptions
 ) -> StartResult | None:
-    """Same URL for a live session (re-opening its tunnel if needed); None if it is gone."""
+    """Same URL for a live session (re-opening its tunnel if needed); None if it is gone.
+
+    Our token answering through the tunnel proves the far end is still our server, so the
+    usual path needs no remote command at all.
+    """
     alive = tunnel.tunnel_process(session.tunnel) is not None
     if (
         alive
@@ -99,16 +105,7 @@ def _reuse(
     ):
         log.debug("session %s is alive; reusing it", session.name)
         return _result(session, reused=True, reopened=False)
-    # The tunnel is down (or wedged): ask the remote whether the server is still ours.
     tunnel.close_tunnel(session.tunnel)
-    state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
-    if state.get(session.server.session_id) != "running":
-        log.info("the server of session %s is gone; starting a new one", session.name)
-        # Its session directory is garbage now; stop_script removes it (and kills nothing).
-        remote.stop(cfg, session.host, remote.identity(session.server), grace=0)
-        with store.transaction() as sessions:
-            sessions.pop(session.name, None)
-        return None
     local_port = session.tunnel.local_port
     if not tunnel.port_is_free(local_port):
         if opts.local_port is not None and opts.local_port == local_port:
@@ -119,24 +116,40 @@ def _reuse(
             session.tunnel.local_port,
             local_port,
         )
-    new_tunnel = _open_and_verify(cfg, session.host, session, local_port, opts.timeout)
+    try:
+        new_tunnel = _open_and_verify(cfg, session.host, session, local_port, timeout=5.0)
+    except JlremoteError as exc:
+        if exc.code in (ExitCode.CONNECT, ExitCode.AUTH, ExitCode.NO_SSH, ExitCode.LOCAL_PORT):
+            raise
+        # No answer: the server may be gone. Ask the remote whether it is still ours.
+        state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
+        if state.get(session.server.session_id) == "running":
+            raise
+        log.info("the server of session %s is gone; starting a new one", session.name)
+        # Its session directory is garbage now; stop_script removes it (and kills nothing).
+        remote.stop(cfg, session.host, remote.identity(session.server), grace=0)
+        with store.transaction() as sessions:
+            sessions.pop(session.name, None)
+        return None
     session = replace(session, tunnel=new_tunnel)
     with store.transaction() as sessions:
         sessions[session.name] = session
     return _result(session, reused=True, reopened=True)
 
 
+def _tunnel_log(name: str) -> Path:
+    return ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
+
+
 def _open_and_verify(
     cfg: ssh.SshConfig, host: str, session: Session, local_port: int, timeout: float
 ) -> Tunnel:
-    logs = ensure_private_dir(state_dir() / "logs")
+    logfile = _tunnel_log(session.name)
     t = tunnel.open_tunnel(
-        cfg, host, local_port, session.server.port, logs / f"{session.name}.tunnel.log"
+        cfg, host, session.server.session_id, local_port, session.server.port, logfile
     )
     try:
-        tunnel.wait_for_api(
-            local_port, session.server.base_url, session.token, timeout=min(timeout, 30.0)
-        )
+        tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
     except BaseException:
         tunnel.close_tunnel(t)
         raise
@@ -159,26 +172,40 @@ def _fresh(
         timeout=opts.timeout,
     )
     token = secrets.token_hex(24)
-    server = remote.launch(cfg, host, spec, token)
-    log.debug("server pid %d listens on remote port %d", server.pid, server.port)
-    session = Session(
-        name=name,
-        host=host,
-        token=token,
-        server=server,
-        tunnel=Tunnel(local_port=0, remote_port=server.port),
-    )
+    logfile = _tunnel_log(name)
+    server: RemoteServer | None = None
+    master: Tunnel | None = None
     try:
+        # Authenticate once (this may prompt), then overlap: the server starts through the
+        # shared connection while the tunnel's own connection is being made.
+        remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(tunnel.start_master, cfg, host, spec.session_id, logfile)
+            try:
+                server = remote.launch(cfg, host, spec, token)
+            finally:
+                # Whatever happened, own the master so that it can be closed.
+                with contextlib.suppress(Exception):
+                    master = pending.result()
+            master = pending.result()
+        log.debug("server pid %d listens on remote port %d", server.pid, server.port)
         local_port = opts.local_port or tunnel.pick_free_port()
-        session = replace(
-            session, tunnel=_open_and_verify(cfg, host, session, local_port, opts.timeout)
+        master = tunnel.add_forward(cfg, host, master, local_port, server.port)
+        session = Session(name=name, host=host, token=token, server=server, tunnel=master)
+        tunnel.wait_for_api(
+            local_port, server.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
         )
         with store.transaction() as sessions:
             sessions[name] = session
     except BaseException:
         # Nothing half-done stays behind: the tunnel and the server we just started go.
-        tunnel.close_tunnel(session.tunnel)
-        with contextlib.suppress(Exception):
-            remote.stop(cfg, host, remote.identity(server), grace=5)
+        if master is not None:
+            tunnel.close_tunnel(master)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                remote.stop(cfg, host, remote.identity(server), grace=5)
+        if not any(s.host == host for s in store.read().values()):
+            with contextlib.suppress(Exception):
+                remote.release(cfg, host)
         raise
     return _result(session, reused=False, reopened=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -83,4 +84,8 @@ def _stop_one(
             )
         with store.transaction() as sessions:
             sessions.pop(name, None)
+            last_on_host = not any(s.host == session.host for s in sessions.values())
+        if last_on_host:  # nothing left to share our control connection
+            with contextlib.suppress(JlremoteError):
+                remote.release(cfg, session.host)
         return StopResult(name, session.host, server, "closed" if closed else "down")

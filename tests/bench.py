@@ -1,0 +1,275 @@
+"""`make bench`: jlremote against its baselines, measured side by side in one run.
+
+Brings up the test-bed remote (tests/testbed.py), alternates each measurement with its
+baseline over several runs, and prints median/min/max, the ratio and the target. These
+are figures for a report, not tests: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.testbed import ALIAS, Testbed, wait_until
+
+RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+JL = [sys.executable, "-m", "jlremote"]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def http_ok(url: str, token: str | None = None) -> bool:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"token {token}")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def download(url: str) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    n = 0
+    with opener.open(url, timeout=60) as r:
+        while chunk := r.read(1 << 20):
+            n += len(chunk)
+    return n
+
+
+class Bench:
+    def __init__(self, bed: Testbed, state: Path) -> None:
+        self.bed = bed
+        self.env = dict(
+            os.environ, JLREMOTE_SSH_CONFIG=bed.ssh_config, JLREMOTE_STATE_DIR=str(state)
+        )
+        self.rows: list[tuple[str, list[float], list[float] | None, str, float, str]] = []
+
+    def jl(self, *args: str) -> str:
+        out = subprocess.run(
+            [*JL, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"jlremote {' '.join(args)} failed: {out.stderr}")
+        return out.stdout
+
+    def ssh_true(self) -> None:
+        subprocess.run(
+            ["ssh", "-F", self.bed.ssh_config, "-o", "ControlPath=none", ALIAS, "true"],
+            check=True,
+            timeout=30,
+        )
+
+    def bare_jupyter(self) -> float:
+        """Spawn JupyterLab on the remote (reachable on its own address) until 200."""
+        rt = Path(self.bed.home) / f".bench-rt-{time.monotonic_ns()}"
+        self.bed.remote_run(["mkdir", "-m", "700", str(rt)])
+        t = time.perf_counter()
+        p = self.bed.remote_popen(
+            [
+                "env",
+                f"JUPYTER_RUNTIME_DIR={rt}",
+                "JUPYTER_TOKEN=bench",
+                "jupyter",
+                "lab",
+                "--no-browser",
+                f"--ip={self.bed.remote_ip}",
+                "--port=0",
+            ],
+            Path(self.bed.workdir) / "bare.log",
+        )
+        try:
+
+            def ready() -> bool:
+                for f in rt.glob("jpserver-*.json"):
+                    try:
+                        port = json.loads(f.read_text())["port"]
+                    except (ValueError, KeyError):
+                        return False
+                    return http_ok(f"http://{self.bed.remote_ip}:{port}/api/status", "bench")
+                return False
+
+            wait_until(ready, 60, "bare jupyter", interval=0.02)
+            return time.perf_counter() - t
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(30)
+            self.bed.remote_run(["rm", "-rf", str(rt)])
+
+    def row(
+        self, what: str, ours: list[float], base: list[float] | None, target: float, kind: str
+    ) -> None:
+        self.rows.append((what, ours, base, kind, target, ""))
+
+    def run(self) -> None:
+        # Warm-up: first runs pay for cold caches on both sides.
+        self.bare_jupyter()
+        self.jl("start", ALIAS, "--no-open")
+        self.jl("stop", ALIAS)
+
+        cold, bare, hs = [], [], []
+        for _ in range(RUNS):
+            bare.append(self.bare_jupyter())
+            hs.append(timed(self.ssh_true))
+            cold.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
+            self.jl("stop", ALIAS)
+        base = [b + h for b, h in zip(bare, hs, strict=True)]
+        self.row("cold start to verified URL", cold, base, 1.10, "ratio")
+        self.row("  (baseline: bare JupyterLab)", bare, None, 0, "info")
+        self.row("  (baseline: one ssh handshake)", hs, None, 0, "info")
+
+        self.jl("start", ALIAS, "--no-open")
+        live, dead = [], []
+        for _ in range(RUNS):
+            live.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
+            state = json.loads((Path(self.env["JLREMOTE_STATE_DIR"]) / "sessions.json").read_text())
+            os.kill(state["sessions"][ALIAS]["tunnel"]["pid"], signal.SIGKILL)
+            time.sleep(0.05)  # let the kernel reap the listener (a bench, not a test)
+            dead.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
+        self.row("start of a live session", live, None, 0.3, "seconds")
+        self.row("start with the tunnel dead", dead, None, 0.6, "seconds")
+
+        url = self.jl("start", ALIAS, "--no-open").strip().splitlines()[-1]
+        token = url.split("token=")[1]
+        size = 200 * 1024 * 1024
+        self.bed.remote_run(
+            [
+                "dd",
+                "if=/dev/zero",
+                f"of={self.bed.home}/big.bin",
+                "bs=1M",
+                f"count={size >> 20}",
+                "status=none",
+            ]
+        )
+        rec = json.loads((Path(self.env["JLREMOTE_STATE_DIR"]) / "sessions.json").read_text())
+        remote_port = rec["sessions"][ALIAS]["tunnel"]["remote_port"]
+        plain_port = 47000 + os.getpid() % 1000
+        plain = subprocess.Popen(
+            [
+                "ssh",
+                "-F",
+                self.bed.ssh_config,
+                "-N",
+                "-o",
+                "ControlPath=none",
+                "-L",
+                f"127.0.0.1:{plain_port}:127.0.0.1:{remote_port}",
+                ALIAS,
+            ]
+        )
+        try:
+            ours_url = url.split("/lab?")[0] + f"/files/big.bin?token={token}"
+            plain_url = f"http://127.0.0.1:{plain_port}/files/big.bin?token={token}"
+            wait_until(
+                lambda: http_ok(f"http://127.0.0.1:{plain_port}/api/status", token),
+                10,
+                "plain forward",
+            )
+            ours_t, plain_t = [], []
+            for _ in range(3):
+                plain_t.append(timed(lambda: download(plain_url)))
+                ours_t.append(timed(lambda: download(ours_url)))
+            # throughput ratio = plain time / our time (higher is better)
+            self.rows.append(
+                ("200 MB download, throughput", ours_t, plain_t, "throughput", 0.9, "")
+            )
+        finally:
+            plain.terminate()
+            plain.wait(10)
+            self.bed.remote_run(["rm", "-f", f"{self.bed.home}/big.bin"])
+        self.jl("stop", ALIAS)
+
+        hosts = [ALIAS, f"{ALIAS}-b", f"{ALIAS}-c"]
+        for i in range(10):
+            self.jl("start", hosts[i % 3], "--name", f"s{i}", "--no-open")
+        st, off = [], []
+        for _ in range(RUNS):
+            st.append(timed(lambda: self.jl("status")))
+            off.append(timed(lambda: self.jl("status", "--offline")))
+        self.row("status, 10 sessions on 3 hosts", st, None, 0.8, "seconds")
+        self.row("status --offline", off, None, 0.2, "seconds")
+        self.jl("stop", "--all")
+
+        ver = [timed(lambda: self.jl("--version")) for _ in range(RUNS)]
+        self.row("jlremote --version", ver, None, 0.15, "seconds")
+
+    def table(self) -> str:
+        lines = [
+            f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}",
+            f"runs per figure: {RUNS}",
+            "",
+            "| measurement | median s | min s | max s | N | ratio | target | result |",
+            "|---|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for what, ours, base, kind, target, _ in self.rows:
+            med = statistics.median(ours)
+            ratio = ""
+            verdict = ""
+            tgt = ""
+            if kind == "ratio" and base:
+                r = med / statistics.median(base)
+                ratio, tgt, verdict = (
+                    f"{r:.2f}",
+                    f"<= {target:.2f} x baseline",
+                    ("pass" if r <= target else "FAIL"),
+                )
+            elif kind == "throughput" and base:
+                r = statistics.median(base) / med
+                ratio, tgt, verdict = (
+                    f"{r:.2f}",
+                    f">= {target:.2f} x plain ssh -L",
+                    ("pass" if r >= target else "FAIL"),
+                )
+            elif kind == "seconds":
+                tgt, verdict = f"<= {target:.2f} s", "pass" if med <= target else "FAIL"
+            lines.append(
+                f"| {what} | {med:.3f} | {min(ours):.3f} | {max(ours):.3f} | "
+                f"{len(ours)} | {ratio} | {tgt} | {verdict} |"
+            )
+        return "\n".join(lines)
+
+
+def main() -> int:
+    bed = Testbed.create()
+    state = Path(bed.workdir) / "bench-state"
+    try:
+        bench = Bench(bed, state)
+        try:
+            bench.run()
+        finally:
+            subprocess.run(
+                [*JL, "stop", "--all", "--forget", "--grace", "3"],
+                env=bench.env,
+                capture_output=True,
+                timeout=120,
+            )
+        print(bench.table())
+    finally:
+        bed.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
