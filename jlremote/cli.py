@@ -182,6 +182,15 @@ def start(
         float,
         typer.Option("--timeout", "-t", help="Seconds to wait for the server to come up.", min=1),
     ] = 60.0,
+    transport: Annotated[
+        str,
+        typer.Option(
+            "--transport",
+            help="How the server listens on the remote: `socket` (a 0600 Unix socket in the "
+            "private session directory: no remote port, no other user can connect), `tcp` "
+            "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work).",
+        ),
+    ] = "auto",
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -207,6 +216,7 @@ def start(
             jupyter=jupyter,
             allow_root=allow_root,
             timeout=timeout,
+            transport=transport,
         ),
     )
     if _want_browser(open_browser):

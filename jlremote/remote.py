@@ -83,7 +83,7 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
             raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
         raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
     report = scripts.parse_launch_output(done.stdout)
-    if report.port == 0:
+    if spec.transport == "tcp" and report.port == 0:
         # jupyter_server < 2.20 advertises port 0 when asked for a random one.
         stop(cfg, host, _identity(spec.session_id, report), grace=5)
         raise JlremoteError(
@@ -101,6 +101,7 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
         session_dir=report.session_dir,
         notebook=spec.notebook,
         version=report.version,
+        sock=report.sock if spec.transport == "socket" else "",
     )
 
 

@@ -20,6 +20,7 @@ class StartResult:
     jupyter_server_version: str
     reused: bool
     tunnel_reopened: bool
+    transport: str  # socket | tcp
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -70,17 +70,24 @@ class LaunchSpec:
     jupyter: str = "jupyter"
     allow_root: bool = False
     timeout: float = 60.0
+    # "socket": serve on a 0600 Unix socket in the session directory; "tcp": 127.0.0.1.
+    transport: str = "tcp"
 
     @property
     def subcommand(self) -> str:
         return "notebook" if self.notebook else "lab"
 
 
+SOCKET_NAME = "jupyter.sock"
+
+
 def jupyter_argv(spec: LaunchSpec) -> list[str]:
-    """The server's own argv (no token: that travels in the environment)."""
-    argv = [spec.jupyter, spec.subcommand, "--no-browser", "--ip=127.0.0.1"]
-    # --port=0: the kernel picks a free port; the server reports it in jpserver-<pid>.json.
-    argv.append(f"--port={spec.port if spec.port is not None else 0}")
+    """The server's own argv (no token: that travels in the environment). In socket mode
+    the launch script adds `--sock=<session dir>/jupyter.sock`."""
+    argv = [spec.jupyter, spec.subcommand, "--no-browser"]
+    if spec.transport == "tcp":
+        # --port=0: the kernel picks a free port; the server reports it in jpserver-<pid>.json.
+        argv += ["--ip=127.0.0.1", f"--port={spec.port if spec.port is not None else 0}"]
     if spec.allow_root:
         argv.append("--allow-root")
     return argv
@@ -105,6 +112,8 @@ def launch_script(spec: LaunchSpec) -> str:
     d = session_dir_expr(spec.session_id)
     ticks = max(1, int(spec.timeout * 10))
     server = " ".join(q(a) for a in jupyter_argv(spec))
+    if spec.transport == "socket":
+        server += f' --sock="$d"/{SOCKET_NAME}'
     lines = [
         "umask 077",
         f"d={d}",
@@ -198,6 +207,7 @@ class LaunchReport:
     port: int
     base_url: str
     version: str
+    sock: str = ""
 
 
 def parse_launch_output(stdout: str) -> LaunchReport:
@@ -226,6 +236,7 @@ def parse_launch_output(stdout: str) -> LaunchReport:
             port=int(data["port"]),
             base_url=str(data.get("base_url") or "/"),
             version=str(data.get("version", "")),
+            sock=str(data.get("sock") or ""),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise JlremoteError(

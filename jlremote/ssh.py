@@ -86,19 +86,22 @@ def control_exit_argv(cfg: SshConfig, host: str) -> list[str]:
     return [*_base(cfg), "-o", f"ControlPath={control_path(cfg)}", "-O", "exit", "--", host]
 
 
-def forward_spec(local_port: int, remote_port: int) -> str:
-    """The -L argument: loopback on both ends, never a network-facing address."""
+def forward_spec(local_port: int, remote_port: int, remote_socket: str = "") -> str:
+    """The -L argument: local loopback to the remote's loopback port or Unix socket."""
+    if remote_socket:
+        return f"127.0.0.1:{local_port}:{remote_socket}"
     return f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}"
 
 
-def tunnel_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
+def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> list[str]:
     """The tunnel's own connection: a dedicated master at PATH used for nothing but this
     session's forward, so its listener dies with it and with nothing else. ssh returns
     (-f) once authenticated, which can prompt on the terminal first; keepalives make it exit
-    when the link is dead."""
+    when the link is dead. Its messages go to LOG_FILE (-E): once backgrounded, ssh sends
+    stderr to /dev/null, and a refused forward must still be visible."""
     return [
         *_base(cfg),
-        "-f", "-N", "-T",
+        "-f", "-N", "-T", "-E", log_file,
         "-o", "ControlMaster=yes",
         "-o", f"ControlPath={path}",
         "-o", "ControlPersist=no",
@@ -112,12 +115,12 @@ def tunnel_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
 
 
 def forward_argv(
-    cfg: SshConfig, host: str, path: str, local_port: int, remote_port: int
+    cfg: SshConfig, host: str, path: str, local_port: int, remote_port: int, remote_socket: str = ""
 ) -> list[str]:
     """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
     return [
         *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward",
-        "-L", forward_spec(local_port, remote_port), "--", host,
+        "-L", forward_spec(local_port, remote_port, remote_socket), "--", host,
     ]  # fmt: skip
 
 

@@ -41,6 +41,7 @@ class RemoteServer:
     session_dir: str
     notebook: bool = False
     version: str = ""
+    sock: str = ""  # the server's Unix socket on the remote (socket transport), else ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Tunnel:
     create_time: float | None = None
     # The tunnel's own ssh master; its control socket's path also identifies the process.
     control_path: str = ""
+    remote_socket: str = ""  # forward to this remote Unix socket instead of remote_port
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path)
         os.unlink(path)  # a stale socket from a master that was killed
     log_path.write_bytes(b"")
     done = proc.run(
-        ssh.tunnel_master_argv(cfg, host, path),
+        ssh.tunnel_master_argv(cfg, host, path, str(log_path)),
         timeout=cfg.connect_timeout + 30,
         output_file=log_path,
         what=f"connecting to {host}",
@@ -91,11 +91,16 @@ def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path)
 
 
 def add_forward(
-    cfg: ssh.SshConfig, host: str, master: Tunnel, local_port: int, remote_port: int
+    cfg: ssh.SshConfig,
+    host: str,
+    master: Tunnel,
+    local_port: int,
+    remote_port: int,
+    remote_socket: str = "",
 ) -> Tunnel:
     """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to REMOTE."""
     done = proc.run(
-        ssh.forward_argv(cfg, host, master.control_path, local_port, remote_port),
+        ssh.forward_argv(cfg, host, master.control_path, local_port, remote_port, remote_socket),
         timeout=15,
         what="adding the forward",
     )
@@ -107,7 +112,9 @@ def add_forward(
             f"could not forward local port {local_port}: {last[-1] if last else 'ssh failed'}",
             ExitCode.TUNNEL,
         )
-    return replace(master, local_port=local_port, remote_port=remote_port)
+    return replace(
+        master, local_port=local_port, remote_port=remote_port, remote_socket=remote_socket
+    )
 
 
 def open_tunnel(
@@ -117,11 +124,12 @@ def open_tunnel(
     local_port: int,
     remote_port: int,
     log_path: Path,
+    remote_socket: str = "",
 ) -> Tunnel:
     """The tunnel's own connection plus its forward, in one go."""
     master = start_master(cfg, host, session_id, log_path)
     try:
-        return add_forward(cfg, host, master, local_port, remote_port)
+        return add_forward(cfg, host, master, local_port, remote_port, remote_socket)
     except BaseException:
         close_tunnel(master)
         raise
@@ -193,9 +201,13 @@ def wait_for_api(
             return answer
         refused = log_path is not None and "open failed" in log_path.read_text(errors="replace")
         if refused or time.monotonic() >= deadline:
+            said = log_path.read_text(errors="replace").strip() if log_path else ""
+            failed = [line for line in said.splitlines() if "open failed" in line]
+            why = f" (the remote end refused the forward: {failed[-1].strip()})" if failed else ""
             raise JlremoteError(
-                f"the server did not answer through the tunnel on port {local_port} "
-                f"within {timeout:.0f}s",
+                f"the server did not answer through the tunnel on port {local_port}"
+                + (why or f" within {timeout:.0f}s"),
                 ExitCode.TUNNEL,
+                detail=said,
             )
         time.sleep(0.1)

@@ -55,11 +55,13 @@ def test_command_argv() -> None:
 
 
 def test_tunnel_argv() -> None:
-    assert ssh.tunnel_master_argv(CFG, "gpubox", "/run/jl/tun-ab") == [
+    assert ssh.tunnel_master_argv(CFG, "gpubox", "/run/jl/tun-ab", "/s/t.log") == [
         "/usr/bin/ssh",
         "-f",
         "-N",
         "-T",
+        "-E",
+        "/s/t.log",
         "-o",
         "ControlMaster=yes",
         "-o",
@@ -102,7 +104,7 @@ def test_tunnel_argv() -> None:
 
 
 def test_no_option_weakens_host_key_checking() -> None:
-    argv = ssh.tunnel_master_argv(CFG, "h", "/p") + ssh.command_argv(CFG_CM, "h", "c")
+    argv = ssh.tunnel_master_argv(CFG, "h", "/p", "/l") + ssh.command_argv(CFG_CM, "h", "c")
     assert not any("StrictHostKeyChecking" in a or "KnownHostsFile" in a for a in argv)
 
 

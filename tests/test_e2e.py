@@ -188,22 +188,60 @@ def test_token_in_no_argv_and_not_in_logs(jl: Jl, testbed: Testbed) -> None:
     assert (jl.state_dir / "sessions.json").stat().st_mode & 0o777 == 0o600
 
 
-def test_server_and_forward_listen_on_loopback_only(jl: Jl, testbed: Testbed) -> None:
-    data = jl("start", ALIAS, "--json").json()
+def _local_listeners(port: int) -> list[str]:
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line.split()[3] for line in out.splitlines() if line.strip()]
+
+
+def test_tcp_server_and_forward_listen_on_loopback_only(jl: Jl, testbed: Testbed) -> None:
+    data = jl("start", ALIAS, "--transport", "tcp", "--json").json()
+    assert data["transport"] == "tcp"
     remote = [
         line.split()[3]
         for line in testbed.listening().splitlines()
-        if "jupyter" in line or "python" in line
+        if f"pid={data['server_pid']}," in line
     ]
-    assert remote and all(addr.startswith("127.0.0.1:") for addr in remote), remote
-    local = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{data['local_port']}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    addrs = [line.split()[3] for line in local if line.strip()]
-    assert addrs == [f"127.0.0.1:{data['local_port']}"]
+    assert remote == [f"127.0.0.1:{data['remote_port']}"]
+    assert _local_listeners(data["local_port"]) == [f"127.0.0.1:{data['local_port']}"]
+
+
+def test_socket_transport_has_no_remote_port_and_shuts_out_other_users(
+    jl: Jl, testbed: Testbed
+) -> None:
+    data = jl("start", ALIAS, "--json").json()  # auto: socket where it works
+    assert data["transport"] == "socket" and data["remote_port"] == 0
+    assert f"pid={data['server_pid']}," not in testbed.listening()  # no TCP port at all
+    assert _local_listeners(data["local_port"]) == [f"127.0.0.1:{data['local_port']}"]
+    sock = Path(data["session_dir"]) / "jupyter.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    url = data["url"]
+    assert http_get(api(url, "api/status"), token_of(url))[0] == 200
+    if not testbed.other_user:
+        pytest.skip("no second remote user without root")
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print(type(e).__name__)\n"
+        "else:\n    print('connected')\n"
+    )
+    out = testbed.remote_run(["python3", "-c", probe, str(sock)], user=testbed.other_user)
+    assert out.stdout.strip() == "PermissionError", out
+
+
+def test_tcp_fallback_when_sshd_forbids_socket_forwarding(jl: Jl, testbed: Testbed) -> None:
+    r = jl("start", f"{ALIAS}-nosock", "--json")
+    assert r.rc == 0, r.stderr
+    data = r.json()
+    assert data["transport"] == "tcp"
+    assert http_get(api(data["url"], "api/status"), token_of(data["url"]))[0] == 200
+    assert jupyter_pids(testbed) == [data["server_pid"]]  # the socket attempt left nothing
+    forced = jl("start", f"{ALIAS}-nosock", "--name", "forced", "--transport", "socket")
+    assert forced.rc == 10
+    assert_one_error_line(forced.stderr, "refused the forward")
+    assert forced.stderr.count("\n") <= 3
+    assert jupyter_pids(testbed) == [data["server_pid"]]
 
 
 def test_ctrl_c_during_start_leaves_nothing(jl: Jl, testbed: Testbed) -> None:

@@ -55,6 +55,12 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05):  #
         time.sleep(interval)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -78,6 +84,11 @@ class Testbed:
     created_user: bool
     sshd_pid: int
     remote_venv: str
+    # A second sshd, same remote, with stream-local (Unix socket) forwarding turned off.
+    nosock_port: int = 0
+    nosock_pid: int = 0
+    # Another unprivileged user on the remote (root only), for privacy checks.
+    other_user: str = ""
 
     @property
     def ssh_config(self) -> str:
@@ -93,15 +104,17 @@ class Testbed:
         return pwd.getpwnam(self.user).pw_dir
 
     # ---- running things "on the remote" -------------------------------------------------
-    def remote_argv(self, argv: list[str]) -> list[str]:
-        """argv run as the remote user inside the remote's network namespace."""
+    def remote_argv(self, argv: list[str], user: str | None = None) -> list[str]:
+        """argv run as the remote user (or USER) inside the remote's network namespace."""
         if self.netns is None:
             return argv
-        return ["ip", "netns", "exec", self.netns, "runuser", "-u", self.user, "--", *argv]
+        return ["ip", "netns", "exec", self.netns, "runuser", "-u", user or self.user, "--", *argv]
 
-    def remote_run(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def remote_run(
+        self, argv: list[str], timeout: float = 60, user: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.remote_argv(argv),
+            self.remote_argv(argv, user),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -184,13 +197,16 @@ class Testbed:
                 bed.created_user = True
                 # "*": no password, but not "locked" (sshd refuses locked accounts).
                 _run(["usermod", "-p", "*", bed.user])
+                bed.other_user = f"jlo{tag}"
+                _run(["useradd", "-m", "-s", "/bin/sh", bed.other_user])
+                bed.nosock_port = 2222
             else:
                 bed.user = pwd.getpwuid(os.getuid()).pw_name
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    bed.port = s.getsockname()[1]
+                bed.port = _free_port()
+                bed.nosock_port = _free_port()
             bed._write_keys_and_configs()
-            bed._start_sshd()
+            bed.sshd_pid = bed._spawn_sshd("sshd_config", bed.port)
+            bed.nosock_pid = bed._spawn_sshd("sshd_config_nosock", bed.nosock_port)
         except BaseException:
             bed.close()
             raise
@@ -228,20 +244,26 @@ class Testbed:
         pub = (w / "host_key.pub").read_text().split()
         wrong = (w / "wrong_host_key.pub").read_text().split()
         name = self.remote_ip if self.port == 22 else f"[{self.remote_ip}]:{self.port}"
-        (w / "known_hosts").write_text(f"{name} {pub[0]} {pub[1]}\n")
+        (w / "known_hosts").write_text(
+            f"{name} {pub[0]} {pub[1]}\n[{self.remote_ip}]:{self.nosock_port} {pub[0]} {pub[1]}\n"
+        )
         (w / "known_hosts_wrong").write_text(f"{name} {wrong[0]} {wrong[1]}\n")
         path = f"{self.remote_venv}/bin:/usr/local/bin:/usr/bin:/bin"
-        (w / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress {self.remote_ip}\nHostKey {w}/host_key\n"
-            f"PidFile {w}/sshd.pid\nAuthorizedKeysFile {w}/authorized_keys/%u\n"
-            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
-            "AllowTcpForwarding yes\nAllowStreamLocalForwarding yes\nX11Forwarding no\n"
-            f"PrintMotd no\nAllowUsers {self.user}\nLogLevel VERBOSE\n"
-            f"SetEnv PATH={path}\nMaxStartups 100\nMaxSessions 100\n"
-            # The work dir lives under /tmp (mode 1777), which StrictModes rejects.
-            "StrictModes no\n"
-        )
+        for conf, port, streamlocal in (
+            ("sshd_config", self.port, "yes"),
+            ("sshd_config_nosock", self.nosock_port, "no"),
+        ):
+            (w / conf).write_text(
+                f"Port {port}\nListenAddress {self.remote_ip}\nHostKey {w}/host_key\n"
+                f"PidFile {w}/{conf}.pid\nAuthorizedKeysFile {w}/authorized_keys/%u\n"
+                "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
+                f"AllowTcpForwarding yes\nAllowStreamLocalForwarding {streamlocal}\n"
+                f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user}\nLogLevel VERBOSE\n"
+                f"SetEnv PATH={path}\nMaxStartups 100\nMaxSessions 100\n"
+                # The work dir lives under /tmp (mode 1777), which StrictModes rejects.
+                "StrictModes no\n"
+            )
         key = f"  IdentityFile {w}/client_key\n"
         common = (
             f"  User {self.user}\n  IdentitiesOnly yes\n"
@@ -255,6 +277,8 @@ class Testbed:
             f"  Port {22 if self.netns else 1}\n{key}{common}"
             f"Host {ALIAS}-cm\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
             f"  ControlMaster auto\n  ControlPath {w}/user-%C\n  ControlPersist 120\n{common}"
+            f"Host {ALIAS}-nosock\n  HostName {self.remote_ip}\n  Port {self.nosock_port}\n"
+            f"{key}{common}"
             f"Host refused\n  HostName {self.remote_ip}\n  Port 1\n{key}{common}"
             f"Host badkey\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
             f"  UserKnownHostsFile {w}/known_hosts_wrong\n{common}"
@@ -262,25 +286,25 @@ class Testbed:
             f"  IdentityFile {w}/other_key\n{common}"
         )
 
-    def _start_sshd(self) -> None:
+    def _spawn_sshd(self, conf: str, port: int) -> int:
         w = Path(self.workdir)
-        argv = [SSHD, "-D", "-e", "-f", f"{w}/sshd_config"]
+        argv = [SSHD, "-D", "-e", "-f", f"{w}/{conf}"]
         if self.netns:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
             argv = ["ip", "netns", "exec", self.netns, *argv]
-        log = open(w / "sshd.log", "wb")  # noqa: SIM115 - owned by sshd
+        log = open(w / f"{conf}.log", "wb")  # noqa: SIM115 - owned by sshd
         proc = subprocess.Popen(
             argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
         )
-        self.sshd_pid = proc.pid
         with contextlib.suppress(TimeoutError):
             wait_until(
-                lambda: proc.poll() is not None or _port_open(self.remote_ip, self.port),
+                lambda: proc.poll() is not None or _port_open(self.remote_ip, port),
                 10,
                 "sshd to listen",
             )
         if proc.poll() is not None:
-            raise RuntimeError(f"sshd failed: {(w / 'sshd.log').read_text()}")
+            raise RuntimeError(f"sshd failed: {(w / f'{conf}.log').read_text()}")
+        return proc.pid
 
     def save(self) -> None:
         (Path(self.workdir) / "testbed.json").write_text(json.dumps(asdict(self)))
@@ -332,11 +356,12 @@ class Testbed:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-        if self.sshd_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.sshd_pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.sshd_pid, 0)
+        for pid in (self.sshd_pid, self.nosock_pid):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
         if self.netns:
             _run(["ip", "netns", "del", self.netns], check=False)
             if self.veth:
@@ -347,6 +372,9 @@ class Testbed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _run(["userdel", "-r", "-f", self.user], check=False)
+        if self.other_user:
+            _run(["pkill", "-KILL", "-u", self.other_user], check=False)
+            _run(["userdel", "-r", "-f", self.other_user], check=False)
         elif self.user:
             shutil.rmtree(Path(self.home) / ".jlremote" / "sessions", ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)

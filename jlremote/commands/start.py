@@ -35,6 +35,7 @@ class StartOptions:
     jupyter: str = "jupyter"
     allow_root: bool = False
     timeout: float = 60.0
+    transport: str = "auto"  # auto | socket | tcp
 
 
 def check_name(name: str) -> str:
@@ -59,6 +60,7 @@ def _result(session: Session, reused: bool, reopened: bool) -> StartResult:
         jupyter_server_version=session.server.version,
         reused=reused,
         tunnel_reopened=reopened,
+        transport="socket" if session.server.sock else "tcp",
     )
 
 
@@ -70,6 +72,12 @@ def start(opts: StartOptions) -> StartResult:
         raise JlremoteError(f"--local-port {opts.local_port} is not a port", ExitCode.USAGE)
     if opts.port is not None and not 1 <= opts.port <= 65535:
         raise JlremoteError(f"--port {opts.port} is not a port", ExitCode.USAGE)
+    if opts.transport not in ("auto", "socket", "tcp"):
+        raise JlremoteError(
+            f"--transport must be auto, socket or tcp, not {opts.transport!r}", ExitCode.USAGE
+        )
+    if opts.transport == "socket" and opts.port is not None:
+        raise JlremoteError("--port makes no sense with --transport socket", ExitCode.USAGE)
     cfg = ssh.SshConfig.from_environment(connect_timeout=int(min(10.0, max(1.0, opts.timeout))))
     store = StateStore(state_dir())
     with store.name_lock(name, timeout=opts.timeout + 60):
@@ -146,7 +154,13 @@ def _open_and_verify(
 ) -> Tunnel:
     logfile = _tunnel_log(session.name)
     t = tunnel.open_tunnel(
-        cfg, host, session.server.session_id, local_port, session.server.port, logfile
+        cfg,
+        host,
+        session.server.session_id,
+        local_port,
+        session.server.port,
+        logfile,
+        session.server.sock,
     )
     try:
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
@@ -156,11 +170,41 @@ def _open_and_verify(
     return t
 
 
+def _socket_unsupported(exc: JlremoteError) -> bool:
+    """Did the socket transport fail for a reason TCP avoids? (an old jupyter_server with no
+    --sock, a socket path too long, or an sshd with stream-local forwarding turned off)"""
+    text = (exc.message + "\n" + exc.detail).lower()
+    if exc.code == ExitCode.SERVER:
+        return "sock" in text
+    return exc.code == ExitCode.TUNNEL and ("prohibited" in text or "open failed" in text)
+
+
 def _fresh(
     cfg: ssh.SshConfig, store: StateStore, name: str, host: str, opts: StartOptions
 ) -> StartResult:
     if opts.local_port is not None:
         tunnel.require_free_port(opts.local_port)
+    if opts.transport != "auto":
+        return _fresh_with(cfg, store, name, host, opts, opts.transport)
+    if opts.port is not None:  # a remote port was asked for: that is TCP
+        return _fresh_with(cfg, store, name, host, opts, "tcp")
+    try:
+        return _fresh_with(cfg, store, name, host, opts, "socket")
+    except JlremoteError as exc:
+        if not _socket_unsupported(exc):
+            raise
+        log.info("the socket transport did not work on %s (%s); using TCP", host, exc.message)
+        return _fresh_with(cfg, store, name, host, opts, "tcp")
+
+
+def _fresh_with(
+    cfg: ssh.SshConfig,
+    store: StateStore,
+    name: str,
+    host: str,
+    opts: StartOptions,
+    transport: str,
+) -> StartResult:
     spec = scripts.LaunchSpec(
         session_id=secrets.token_hex(8),
         notebook=opts.notebook,
@@ -170,6 +214,7 @@ def _fresh(
         jupyter=opts.jupyter,
         allow_root=opts.allow_root,
         timeout=opts.timeout,
+        transport=transport,
     )
     token = secrets.token_hex(24)
     logfile = _tunnel_log(name)
@@ -190,7 +235,7 @@ def _fresh(
             master = pending.result()
         log.debug("server pid %d listens on remote port %d", server.pid, server.port)
         local_port = opts.local_port or tunnel.pick_free_port()
-        master = tunnel.add_forward(cfg, host, master, local_port, server.port)
+        master = tunnel.add_forward(cfg, host, master, local_port, server.port, server.sock)
         session = Session(name=name, host=host, token=token, server=server, tunnel=master)
         tunnel.wait_for_api(
             local_port, server.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
