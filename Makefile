@@ -11,12 +11,13 @@ REMOTE_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 DEMO_DIR ?= $(CURDIR)/.demo
 export JLREMOTE_TEST_REMOTE_VENV := $(REMOTE_VENV)
 
-.PHONY: help system-deps dev testbed-venv lint unit test demo demo-down clean
+.PHONY: help system-deps dev testbed-venv lint unit test bench demo demo-down clean
 
 help:
 	@echo "make test       install what the tests need, lint, run the whole suite"
 	@echo "make lint       ruff + mypy --strict on the package"
 	@echo "make unit       only the fast tests (no sshd needed)"
+	@echo "make bench      time jlremote against its baselines (prints a table)"
 	@echo "make demo       a throwaway local 'remote' (sshd + JupyterLab) and a real start"
 	@echo "make demo-down  stop the demo session and tear the sandbox down"
 
@@ -61,6 +62,9 @@ unit: dev
 
 test: system-deps dev testbed-venv lint
 	$(BIN)/python -m pytest -q
+
+bench: system-deps dev testbed-venv
+	$(BIN)/python -m tests.bench
 
 demo: system-deps dev testbed-venv
 	@$(BIN)/python -m tests.testbed up $(DEMO_DIR)

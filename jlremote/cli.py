@@ -44,7 +44,10 @@ def _setup_logging(verbose: bool) -> None:
         root.setLevel(logging.WARNING)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("jlremote: %(message)s"))
+        fmt = (
+            "jlremote: %(relativeCreated)6.0fms %(message)s" if verbose else "jlremote: %(message)s"
+        )
+        handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)
     root.propagate = False
 

@@ -70,7 +70,7 @@ def run(
         ) from None
     except FileNotFoundError:
         raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
-    log.debug("exit %d: %s", proc.returncode, argv[0])
+    log.debug("exit %d", proc.returncode)
     return Completed(
         argv,
         proc.returncode,

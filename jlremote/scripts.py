@@ -9,6 +9,7 @@ Jupyter token is never part of a script: the launch script reads it from stdin.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -110,7 +111,8 @@ def launch_script(spec: LaunchSpec) -> str:
     server's runtime JSON between `JLREMOTE-INFO` and `JLREMOTE-END`.
     """
     d = session_dir_expr(spec.session_id)
-    ticks = max(1, int(spec.timeout * 10))
+    # Whole seconds from `date +%s`: never earlier than asked, at most a second later.
+    wait_s = math.ceil(spec.timeout) + 1
     server = " ".join(q(a) for a in jupyter_argv(spec))
     if spec.transport == "socket":
         server += f' --sock="$d"/{SOCKET_NAME}'
@@ -155,7 +157,7 @@ def launch_script(spec: LaunchSpec) -> str:
         "s=; command -v setsid >/dev/null 2>&1 && s=setsid",
         f'$s nohup {server} </dev/null >"$d/server.log" 2>&1 &',
         "child=$!",
-        "i=0",
+        f"deadline=$(( $(date +%s) + {wait_s} ))",
         "f=",
         "while :; do",
         '  for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
@@ -165,8 +167,7 @@ def launch_script(spec: LaunchSpec) -> str:
         '  [ -n "$f" ] && break',
         '  kill -0 "$child" 2>/dev/null || '
         + _fail(RC_SERVER_EXITED, q("jlremote: the server exited during start-up"), tail_log=True),
-        "  i=$((i+1))",
-        f'  if [ "$i" -gt {ticks} ]; then',
+        '  if [ "$(date +%s)" -ge "$deadline" ]; then',
         "    end_child",
         "    "
         + _fail(
@@ -176,7 +177,8 @@ def launch_script(spec: LaunchSpec) -> str:
         ),
         "  fi",
         "  echo JLREMOTE-WAIT",
-        "  sleep 0.1",
+        # A short tick: every tick of delay here is delay to the user's URL.
+        "  sleep 0.02",
         "done",
         "pid=${f##*-}; pid=${pid%.json}",
         'st=$(TZ=UTC LC_ALL=C ps -o lstart= -p "$pid")',

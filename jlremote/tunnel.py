@@ -10,17 +10,27 @@ import os
 import re
 import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from jlremote import proc, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.state import Tunnel
+
+if TYPE_CHECKING:
+    import psutil
+
+# psutil and urllib are imported where they are used: a cold `start` imports them in a
+# worker thread while the remote server boots, off the path to the URL.
+
+
+def preload() -> None:
+    """Import what verification needs (called from a thread that is waiting anyway)."""
+    import urllib.request  # noqa: F401
+
+    import psutil  # noqa: F401
+
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,8 @@ def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path)
             detail=log_path.read_text(errors="replace").strip(),
         )
     pid = int(found.group(1))
+    import psutil
+
     try:
         created = psutil.Process(pid).create_time()
     except psutil.Error:
@@ -139,6 +151,8 @@ def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
     """The live tunnel process, only if PID, start time and command line all still match."""
     if tunnel.pid is None or tunnel.create_time is None or not tunnel.control_path:
         return None
+    import psutil
+
     try:
         p = psutil.Process(tunnel.pid)
         if abs(p.create_time() - tunnel.create_time) > 0.01:
@@ -156,6 +170,8 @@ def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
     """Terminate our tunnel process (TERM, then KILL). False if it was already gone."""
     p = tunnel_process(tunnel)
     if p is not None:
+        import psutil
+
         try:
             p.terminate()
             _gone, alive = psutil.wait_procs([p], timeout=grace)
@@ -172,6 +188,9 @@ def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
 
 def api_status(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any] | None:
     """GET /api/status through the tunnel with the token; the JSON on 200, else None."""
+    import urllib.error
+    import urllib.request
+
     base = base_url if base_url.endswith("/") else base_url + "/"
     req = urllib.request.Request(
         f"http://127.0.0.1:{local_port}{base}api/status",

@@ -163,7 +163,9 @@ class Bench:
             ]
         )
         rec = json.loads((Path(self.env["JLREMOTE_STATE_DIR"]) / "sessions.json").read_text())
-        remote_port = rec["sessions"][ALIAS]["tunnel"]["remote_port"]
+        tun = rec["sessions"][ALIAS]["tunnel"]
+        # The same far end as ours (the socket, or the TCP port), through a plain ssh -L.
+        target = tun["remote_socket"] or f"127.0.0.1:{tun['remote_port']}"
         plain_port = 47000 + os.getpid() % 1000
         plain = subprocess.Popen(
             [
@@ -174,7 +176,7 @@ class Bench:
                 "-o",
                 "ControlPath=none",
                 "-L",
-                f"127.0.0.1:{plain_port}:127.0.0.1:{remote_port}",
+                f"127.0.0.1:{plain_port}:{target}",
                 ALIAS,
             ]
         )

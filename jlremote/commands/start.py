@@ -170,6 +170,12 @@ def _open_and_verify(
     return t
 
 
+def _master_and_preload(cfg: ssh.SshConfig, host: str, session_id: str, logfile: Path) -> Tunnel:
+    master = tunnel.start_master(cfg, host, session_id, logfile)
+    tunnel.preload()
+    return master
+
+
 def _socket_unsupported(exc: JlremoteError) -> bool:
     """Did the socket transport fail for a reason TCP avoids? (an old jupyter_server with no
     --sock, a socket path too long, or an sshd with stream-local forwarding turned off)"""
@@ -225,7 +231,7 @@ def _fresh_with(
         # shared connection while the tunnel's own connection is being made.
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(tunnel.start_master, cfg, host, spec.session_id, logfile)
+            pending = pool.submit(_master_and_preload, cfg, host, spec.session_id, logfile)
             try:
                 server = remote.launch(cfg, host, spec, token)
             finally:
