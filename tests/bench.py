@@ -56,7 +56,10 @@ class Bench:
     def __init__(self, bed: Testbed, state: Path) -> None:
         self.bed = bed
         self.env = dict(
-            os.environ, JLREMOTE_SSH_CONFIG=bed.ssh_config, JLREMOTE_STATE_DIR=str(state)
+            os.environ,
+            JLREMOTE_SSH_CONFIG=bed.ssh_config,
+            JLREMOTE_STATE_DIR=str(state),
+            JLREMOTE_RUNTIME_DIR=str(Path(bed.workdir) / "rt"),  # removed with the test bed
         )
         self.rows: list[tuple[str, list[float], list[float] | None, str, float, str]] = []
 
