@@ -80,6 +80,15 @@ def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Aligned columns; the last one is not padded (URLs are long)."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        typer.echo("  ".join([*cells, row[-1]]))
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"jlremote {__version__}")
@@ -194,6 +203,14 @@ def start(
             "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work).",
         ),
     ] = "auto",
+    attach: Annotated[
+        bool,
+        typer.Option(
+            "--attach",
+            help="Only attach to a server of this name already running on HOST (started from "
+            "any computer); never start one. Without it, such a server is attached to anyway.",
+        ),
+    ] = False,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -220,6 +237,7 @@ def start(
             allow_root=allow_root,
             timeout=timeout,
             transport=transport,
+            attach=attach,
         ),
     )
     if _want_browser(open_browser):
@@ -235,14 +253,44 @@ def start(
 @app.command()
 def status(
     name: Annotated[str | None, typer.Argument(help="Only this session.")] = None,
+    remote_host: Annotated[
+        str | None,
+        typer.Option(
+            "--remote",
+            help="List the jlremote servers running on this host (from any client) instead.",
+        ),
+    ] = None,
     offline: Annotated[
         bool, typer.Option("--offline", help="Do not ask the remotes (server shows as unknown).")
     ] = False,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
-    """Show each session: host, server (running/gone/unknown), tunnel (up/down), URL."""
+    """Show each session: host, server (running/gone/unknown), tunnel
+    (up/reconnecting/failed/down), URL. `--json` adds uptime, transport, the server's last
+    activity and the tunnel's reconnection attempts and last error."""
     _setup_logging(verbose)
+    if remote_host is not None:
+        from jlremote.commands.status import remote_status
+
+        found = _guarded(remote_status, remote_host)
+        if as_json:
+            _print_json([r.to_json() for r in found])
+        elif found:
+            _print_table(
+                ("NAME", "SESSION", "PID", "TRANSPORT", "HERE"),
+                [
+                    (
+                        r.name,
+                        r.session_id,
+                        str(r.server_pid),
+                        r.transport,
+                        "yes" if r.local else "no",
+                    )
+                    for r in found
+                ],
+            )
+        return
     from jlremote.commands.status import status as do_status
 
     rows = _guarded(do_status, name, offline)
@@ -253,15 +301,19 @@ def status(
         if sys.stderr.isatty():
             typer.echo("no sessions", err=True)
         return
-    table = [("NAME", "HOST", "SERVER", "TUNNEL", "URL")]
-    table += [(r.name, r.host, r.server, r.tunnel, r.url) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        cells = [c.ljust(w) for c, w in zip(row[:4], widths, strict=True)]
-        typer.echo("  ".join([*cells, row[4]]))
+    _print_table(
+        ("NAME", "HOST", "SERVER", "TUNNEL", "URL"),
+        [(r.name, r.host, r.server, r.tunnel, r.url) for r in rows],
+    )
     for r in rows:
         if r.error:
             typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
+        if r.tunnel_error and r.tunnel != "up":
+            typer.echo(
+                f"jlremote: {r.name}: tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): "
+                f"{r.tunnel_error}",
+                err=True,
+            )
 
 
 @app.command()

@@ -77,3 +77,19 @@ def run(
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
     )
+
+
+def spawn_detached(argv: list[str], log_path: Path) -> int:
+    """Start `argv` in a session of its own (no terminal, immune to the terminal's hang-up
+    and Ctrl-C), stdin from /dev/null, output appended to `log_path`; returns its PID."""
+    log.debug("spawn: %s", shlex.join(argv))
+    with open(log_path, "ab") as out:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+        )
+    return child.pid

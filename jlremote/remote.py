@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from jlremote import proc, scripts, ssh
 from jlremote.errors import ExitCode, JlremoteError
@@ -47,8 +48,18 @@ def _remote_message(stderr: str, fallback: str) -> tuple[str, str]:
     return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES :])
 
 
-def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> RemoteServer:
-    """Start the server on `host`; the token goes over stdin, never into an argv."""
+@dataclass(frozen=True)
+class Launched:
+    """The server `launch` started, or found already running under the same name (then
+    `attached_token` is that server's token)."""
+
+    server: RemoteServer
+    attached_token: str | None = None
+
+
+def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
+    """Start the server on `host` (or find the live one of that name); the token goes over
+    stdin, never into an argv."""
     done = _ssh_script(
         cfg,
         host,
@@ -66,6 +77,8 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
                 "--jupyter /path/to/jupyter)",
                 ExitCode.REMOTE_ENV,
             )
+        if rc == scripts.RC_NO_ENTRY:
+            raise JlremoteError(msg, ExitCode.NO_SESSION)
         if rc in (scripts.RC_NO_DIR, scripts.RC_ENV_FAILED, scripts.RC_SESSION_DIR):
             raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
         if rc == scripts.RC_SERVER_EXITED and "not found" in detail and "Jupyter command" in detail:
@@ -83,6 +96,9 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
             raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
         raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
     report = scripts.parse_launch_output(done.stdout)
+    if report.session_id:
+        log.info("attaching to the running session %s on %s", spec.name, host)
+        return Launched(server_of(report), attached_token=report.token)
     if spec.transport == "tcp" and report.port == 0:
         # jupyter_server < 2.20 advertises port 0 when asked for a random one.
         stop(cfg, host, _identity(spec.session_id, report), grace=5)
@@ -91,18 +107,46 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
             "(e.g. --port 8888) or upgrade jupyter_server",
             ExitCode.SERVER,
         )
+    return Launched(
+        RemoteServer(
+            session_id=spec.session_id,
+            pid=report.pid,
+            started=report.started,
+            cmdline=report.cmdline,
+            port=report.port,
+            base_url=report.base_url,
+            session_dir=report.session_dir,
+            notebook=spec.notebook,
+            version=report.version,
+            sock=report.sock if spec.transport == "socket" else "",
+        )
+    )
+
+
+def server_of(report: scripts.LaunchReport) -> RemoteServer:
+    """A registry entry as a RemoteServer."""
     return RemoteServer(
-        session_id=spec.session_id,
+        session_id=report.session_id,
         pid=report.pid,
         started=report.started,
         cmdline=report.cmdline,
         port=report.port,
         base_url=report.base_url,
         session_dir=report.session_dir,
-        notebook=spec.notebook,
+        notebook=report.kind == "notebook",
         version=report.version,
-        sock=report.sock if spec.transport == "socket" else "",
+        sock=report.sock,
     )
+
+
+def list_sessions(cfg: ssh.SshConfig, host: str, timeout: float) -> list[scripts.LaunchReport]:
+    """Every live jlremote server of this user on HOST, from any client (dead entries are
+    removed on the way)."""
+    done = _ssh_script(cfg, host, scripts.list_script(), timeout=timeout, what=f"listing {host}")
+    if done.returncode != 0:
+        msg, _ = _remote_message(done.stderr, f"listing {host} failed (exit {done.returncode})")
+        raise JlremoteError(msg, ExitCode.CONNECT)
+    return scripts.parse_list_output(done.stdout)
 
 
 def _identity(session_id: str, report: scripts.LaunchReport) -> scripts.ServerIdentity:

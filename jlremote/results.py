@@ -21,6 +21,7 @@ class StartResult:
     reused: bool
     tunnel_reopened: bool
     transport: str  # socket | tcp
+    attached: bool = False  # found running on the remote (started from another client)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -34,12 +35,33 @@ class StatusRow:
     host: str
     url: str
     server: str  # running | gone | unknown
-    tunnel: str  # up | down
+    tunnel: str  # up | reconnecting | failed | down
     local_port: int
     remote_port: int
     server_pid: int
     started_at: float
     error: str | None = None
+    uptime_s: float = 0.0
+    transport: str = "tcp"
+    tunnel_attempts: int = 0  # reconnection attempts so far (tunnel "reconnecting")
+    tunnel_error: str | None = None  # why the last attempt failed
+    last_activity: str | None = None  # the server's own, from /api/status
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RemoteRow:
+    """A jlremote server found running on a remote (from any client)."""
+
+    host: str
+    name: str
+    session_id: str
+    server_pid: int
+    transport: str  # socket | tcp
+    notebook: bool
+    local: bool  # this machine has a session recorded for it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

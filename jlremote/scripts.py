@@ -25,6 +25,7 @@ RC_ENV_FAILED = 82
 RC_NO_DIR = 83
 RC_SERVER_EXITED = 84
 RC_SERVER_TIMEOUT = 85
+RC_NO_ENTRY = 86
 RC_NOT_FOUND = 127
 
 SESSIONS_ROOT = '"$HOME"/.jlremote/sessions'
@@ -73,6 +74,10 @@ class LaunchSpec:
     timeout: float = 60.0
     # "socket": serve on a 0600 Unix socket in the session directory; "tcp": 127.0.0.1.
     transport: str = "tcp"
+    # The session's name, kept in the session directory: another client attaches by it.
+    name: str = ""
+    # Only attach to a running server of this name; never start one.
+    attach_only: bool = False
 
     @property
     def subcommand(self) -> str:
@@ -118,6 +123,18 @@ def launch_script(spec: LaunchSpec) -> str:
         server += f' --sock="$d"/{SOCKET_NAME}'
     lines = [
         "umask 077",
+        _IDENTITY_CHECK.rstrip("\n"),
+        _REGISTRY.rstrip("\n"),
+        # A live server of this name (started by any client of this user) is reused.
+        f"existing=$(scan {q(spec.name)})" if spec.name else "existing=",
+        """if [ -n "$existing" ]; then printf '%s\\n' "$existing"; exit 0; fi""",
+    ]
+    if spec.attach_only:
+        lines.append(
+            f"echo {q(f'jlremote: no running session named {spec.name} on the remote')} >&2; "
+            f"exit {RC_NO_ENTRY}"
+        )
+    lines += [
         f"d={d}",
         "child=",
         # Whatever goes wrong after launch, the half-started server and its files go too.
@@ -134,6 +151,8 @@ def launch_script(spec: LaunchSpec) -> str:
         # A 0600 copy (umask 077) for attaching from another client; printf is a builtin.
         """printf '%s\\n' "$JUPYTER_TOKEN" > "$d/token\"""",
         'export JUPYTER_RUNTIME_DIR="$d"',
+        f"printf '%s\\n' {q(spec.name)} > \"$d/name\"",
+        f"printf '%s\\n' {spec.subcommand} > \"$d/kind\"",
     ]
     if spec.env:
         lines.append(
@@ -210,6 +229,22 @@ class LaunchReport:
     base_url: str
     version: str
     sock: str = ""
+    # Set when the report is of a server that was already running (an attach).
+    session_id: str = ""
+    name: str = ""
+    kind: str = ""
+    token: str = ""
+
+
+def parse_list_output(stdout: str) -> list[LaunchReport]:
+    """The entries printed by scan (list_script, or a launch script that attached)."""
+    chunks: list[list[str]] = []
+    for line in stdout.splitlines():
+        if line.startswith("JLREMOTE-ENTRY "):
+            chunks.append([])
+        if chunks:
+            chunks[-1].append(line)
+    return [parse_launch_output("\n".join(chunk)) for chunk in chunks]
 
 
 def parse_launch_output(stdout: str) -> LaunchReport:
@@ -239,6 +274,10 @@ def parse_launch_output(stdout: str) -> LaunchReport:
             base_url=str(data.get("base_url") or "/"),
             version=str(data.get("version", "")),
             sock=str(data.get("sock") or ""),
+            session_id=fields.get("JLREMOTE-ENTRY", ""),
+            name=fields.get("JLREMOTE-NAME", ""),
+            kind=fields.get("JLREMOTE-KIND", ""),
+            token=str(data.get("token") or ""),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise JlremoteError(
@@ -266,6 +305,55 @@ _IDENTITY_CHECK = (
     '  [ "$(ps -ww -o args= -p "$1")" = "$3" ] || return 2\n'
     "}\n"
 )
+
+
+# The remote session directories are the registry: each holds name, kind, server.pid,
+# server.start, server.args and the server's runtime JSON (0600, token included).
+_REGISTRY = r"""report_entry() {
+  e=$1; f=
+  for c in "$e"/jpserver-*.json "$e"/nbserver-*.json; do
+    if [ -f "$c" ]; then f=$c; break; fi
+  done
+  [ -n "$f" ] || return 1
+  printf 'JLREMOTE-ENTRY %s
+' "${e##*/}"
+  printf 'JLREMOTE-NAME %s
+' "$(cat "$e/name" 2>/dev/null)"
+  printf 'JLREMOTE-KIND %s
+' "$(cat "$e/kind" 2>/dev/null)"
+  printf 'JLREMOTE-PID %s
+' "$(cat "$e/server.pid")"
+  printf 'JLREMOTE-START %s
+' "$(cat "$e/server.start")"
+  printf 'JLREMOTE-ARGS %s
+' "$(cat "$e/server.args")"
+  printf 'JLREMOTE-DIR %s
+' "$e"
+  echo JLREMOTE-INFO
+  cat "$f"
+  echo
+  echo JLREMOTE-END
+}
+scan() {
+  for e in "$HOME"/.jlremote/sessions/*; do
+    [ -f "$e/server.pid" ] || continue
+    p=$(cat "$e/server.pid"); st=$(cat "$e/server.start" 2>/dev/null)
+    if is_ours "$p" "$st" "$(cat "$e/server.args" 2>/dev/null)"; then
+      if [ -z "$1" ]; then report_entry "$e"
+      elif [ "$(cat "$e/name" 2>/dev/null)" = "$1" ]; then report_entry "$e" && return 0
+      fi
+    else
+      rm -rf "$e"
+    fi
+  done
+}
+"""
+
+
+def list_script() -> str:
+    """Report every live jlremote server of this user on the remote (`JLREMOTE-ENTRY`
+    blocks) and remove the directories of dead ones."""
+    return _IDENTITY_CHECK + _REGISTRY + "scan ''\n"
 
 
 def probe_script(servers: list[ServerIdentity]) -> str:

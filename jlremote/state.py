@@ -68,6 +68,9 @@ class Session:
     server: RemoteServer
     tunnel: Tunnel
     created: float = field(default_factory=time.time)
+    # The process of ours that keeps the tunnel up (PID + create time identify it).
+    supervisor_pid: int | None = None
+    supervisor_created: float | None = None
 
     @property
     def url(self) -> str:
@@ -92,6 +95,8 @@ class Session:
             server=RemoteServer(**data["server"]),
             tunnel=Tunnel(**data["tunnel"]),
             created=float(data.get("created", 0.0)),
+            supervisor_pid=data.get("supervisor_pid"),
+            supervisor_created=data.get("supervisor_created"),
         )
 
 

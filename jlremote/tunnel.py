@@ -63,14 +63,19 @@ def require_free_port(port: int) -> None:
         )
 
 
+def master_path(session_id: str) -> str:
+    """Where the tunnel master of a session keeps its control socket."""
+    from jlremote.paths import runtime_dir
+
+    return str(runtime_dir() / f"tun-{session_id}")
+
+
 def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path) -> Tunnel:
     """Open the tunnel's own ssh connection (no forward yet); returns once authenticated.
 
     Ports are 0 until add_forward() is called.
     """
-    from jlremote.paths import runtime_dir
-
-    path = str(runtime_dir() / f"tun-{session_id}")
+    path = master_path(session_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket from a master that was killed
     log_path.write_bytes(b"")
@@ -166,24 +171,58 @@ def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
         return None
 
 
+def terminate(p: psutil.Process, grace: float) -> None:
+    """TERM, wait up to GRACE seconds, then KILL. A zombie counts as gone: it only waits
+    for whoever reaps it, which for an orphan can take a while."""
+    import psutil
+
+    def gone() -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for sig in (p.terminate, p.kill):
+        try:
+            sig()
+        except psutil.NoSuchProcess:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if gone():
+                return
+            time.sleep(0.01)
+
+
 def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
     """Terminate our tunnel process (TERM, then KILL). False if it was already gone."""
     p = tunnel_process(tunnel)
     if p is not None:
-        import psutil
-
-        try:
-            p.terminate()
-            _gone, alive = psutil.wait_procs([p], timeout=grace)
-            for q in alive:
-                q.kill()
-            psutil.wait_procs(alive, timeout=grace)
-        except psutil.NoSuchProcess:
-            pass
+        terminate(p, grace)
     if tunnel.control_path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tunnel.control_path)
     return p is not None
+
+
+def kill_masters(control_path: str) -> list[int]:
+    """Terminate any ssh master of ours still serving CONTROL_PATH (a private per-session
+    path in our own runtime dir), e.g. one whose start was interrupted before recording."""
+    import psutil
+
+    marker = f"ControlPath={control_path}"
+    killed = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if marker in cmd and "-N" in cmd:
+                p.terminate()
+                killed.append(p.pid)
+        except psutil.Error:
+            continue
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(control_path)
+    return killed
 
 
 def api_status(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any] | None:

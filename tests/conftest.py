@@ -96,6 +96,23 @@ def api(url: str, path: str) -> str:
     return f"{base}/{path}"
 
 
+def kill_supervisors(state_dir: Path) -> list[int]:
+    """Kill (and name) the tunnel supervisors that serve STATE_DIR."""
+    import psutil
+
+    killed = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "jlremote.supervisor" in (p.info["cmdline"] or []) and p.environ().get(
+                "JLREMOTE_STATE_DIR"
+            ) == str(state_dir):
+                p.kill()
+                killed.append(p.pid)
+        except psutil.Error:
+            continue
+    return killed
+
+
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[Testbed]:
     bed = Testbed.create()
@@ -122,7 +139,7 @@ def jl(testbed: Testbed, tmp_path: Path) -> Iterator[Jl]:
     runner.runtime_dir = Path(runtime)
     yield runner
     runner("stop", "--all", "--forget", "--grace", "3")
-    stray_local = testbed.kill_local_ssh(marker=runtime)
+    stray_local = testbed.kill_local_ssh(marker=runtime) + kill_supervisors(state)
     shutil.rmtree(runtime, ignore_errors=True)
     stray_remote = testbed.kill_remote_processes()
     assert not stray_local, f"ssh processes left behind: {stray_local}"

@@ -82,16 +82,23 @@ def test_start_twice_reuses_the_session(jl: Jl, testbed: Testbed) -> None:
     assert len(jupyter_pids(testbed)) == 1
 
 
-def test_start_reopens_a_dead_tunnel_on_the_same_port(jl: Jl, testbed: Testbed) -> None:
+def test_start_repairs_a_local_reboot(jl: Jl, testbed: Testbed) -> None:
+    """All local PIDs gone (tunnel and its supervisor): `start` gives the same URL back."""
     url = jl("start", ALIAS).url
-    tunnel_pid = jl.sessions()[ALIAS]["tunnel"]["pid"]
-    os.kill(tunnel_pid, signal.SIGKILL)
+    record = jl.sessions()[ALIAS]
+    os.kill(record["supervisor_pid"], signal.SIGKILL)
+    os.kill(record["tunnel"]["pid"], signal.SIGKILL)
     wait_until(lambda: jl("status", "--json").json()[0]["tunnel"] == "down", 10, "tunnel down")
     assert http_get(api(url, "api/status"), token_of(url))[0] == 0
     again = jl("start", ALIAS, "--json").json()
     assert again["url"] == url and again["tunnel_reopened"] is True
     assert http_get(api(url, "api/status"), token_of(url))[0] == 200
     assert len(jupyter_pids(testbed)) == 1
+    new = jl.sessions()[ALIAS]
+    assert (
+        psutil.pid_exists(new["supervisor_pid"])
+        and new["supervisor_pid"] != record["supervisor_pid"]
+    )
 
 
 def test_server_killed_from_outside_shows_gone_and_start_replaces_it(

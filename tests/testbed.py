@@ -95,6 +95,11 @@ class Testbed:
         return f"{self.workdir}/ssh_config"
 
     @property
+    def peer(self) -> str:
+        """The remote's end of the veth pair (inside the namespace)."""
+        return (self.veth or "").replace("jlrh", "jlrr", 1)
+
+    @property
     def unused_ip(self) -> str:
         """An address on our own /24 where nothing answers."""
         return self.remote_ip.rsplit(".", 1)[0] + ".3" if self.netns else "127.0.0.1"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from jlremote import remote, scripts, ssh, tunnel
+from jlremote import remote, scripts, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.results import StartResult
@@ -36,6 +36,7 @@ class StartOptions:
     allow_root: bool = False
     timeout: float = 60.0
     transport: str = "auto"  # auto | socket | tcp
+    attach: bool = False  # only attach to a server of this name already on the remote
 
 
 def check_name(name: str) -> str:
@@ -48,7 +49,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _result(session: Session, reused: bool, reopened: bool) -> StartResult:
+def _result(session: Session, reused: bool, reopened: bool, attached: bool = False) -> StartResult:
     return StartResult(
         name=session.name,
         host=session.host,
@@ -61,6 +62,7 @@ def _result(session: Session, reused: bool, reopened: bool) -> StartResult:
         reused=reused,
         tunnel_reopened=reopened,
         transport="socket" if session.server.sock else "tcp",
+        attached=attached,
     )
 
 
@@ -112,8 +114,13 @@ def _reuse(
         is not None
     ):
         log.debug("session %s is alive; reusing it", session.name)
+        if supervisor.process_of(session) is None:  # e.g. after a local reboot
+            session = _supervise(store, session)
         return _result(session, reused=True, reopened=False)
+    # We re-open the tunnel ourselves, now: its supervisor (if any) steps aside.
+    supervisor.stop(session)
     tunnel.close_tunnel(session.tunnel)
+    tunnel.kill_masters(tunnel.master_path(session.server.session_id))
     local_port = session.tunnel.local_port
     if not tunnel.port_is_free(local_port):
         if opts.local_port is not None and opts.local_port == local_port:
@@ -142,7 +149,20 @@ def _reuse(
     session = replace(session, tunnel=new_tunnel)
     with store.transaction() as sessions:
         sessions[session.name] = session
+    session = _supervise(store, session)
     return _result(session, reused=True, reopened=True)
+
+
+def _supervise(store: StateStore, session: Session) -> Session:
+    """Give SESSION a supervisor that keeps its tunnel up, and record it."""
+    pid, created = supervisor.spawn(session.name)
+    session = replace(session, supervisor_pid=pid, supervisor_created=created)
+    with store.transaction() as sessions:
+        if session.name in sessions:
+            sessions[session.name] = replace(
+                sessions[session.name], supervisor_pid=pid, supervisor_created=created
+            )
+    return session
 
 
 def _tunnel_log(name: str) -> Path:
@@ -221,6 +241,8 @@ def _fresh_with(
         allow_root=opts.allow_root,
         timeout=opts.timeout,
         transport=transport,
+        name=name,
+        attach_only=opts.attach,
     )
     token = secrets.token_hex(24)
     logfile = _tunnel_log(name)
@@ -233,23 +255,40 @@ def _fresh_with(
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(_master_and_preload, cfg, host, spec.session_id, logfile)
             try:
-                server = remote.launch(cfg, host, spec, token)
+                launched = remote.launch(cfg, host, spec, token)
+                server = launched.server
             finally:
                 # Whatever happened, own the master so that it can be closed.
                 with contextlib.suppress(Exception):
                     master = pending.result()
             master = pending.result()
-        log.debug("server pid %d listens on remote port %d", server.pid, server.port)
         local_port = opts.local_port or tunnel.pick_free_port()
-        master = tunnel.add_forward(cfg, host, master, local_port, server.port, server.sock)
-        session = Session(name=name, host=host, token=token, server=server, tunnel=master)
+        if launched.attached_token is not None:
+            # Another client's server: not ours to stop if attaching fails here, and the
+            # tunnel's master must be named after that session.
+            found, server = launched.server, None
+            token = launched.attached_token
+            tunnel.close_tunnel(master)
+            master = None
+            master = tunnel.open_tunnel(
+                cfg, host, found.session_id, local_port, found.port, logfile, found.sock
+            )
+        else:
+            found = server
+            log.debug("server pid %d listens on remote port %d", found.pid, found.port)
+            master = tunnel.add_forward(cfg, host, master, local_port, found.port, found.sock)
+        session = Session(name=name, host=host, token=token, server=found, tunnel=master)
         tunnel.wait_for_api(
-            local_port, server.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
+            local_port, found.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
         )
         with store.transaction() as sessions:
             sessions[name] = session
+        session = _supervise(store, session)
     except BaseException:
         # Nothing half-done stays behind: the tunnel and the server we just started go.
+        with contextlib.suppress(Exception), store.transaction() as sessions:
+            if name in sessions and sessions[name].server.session_id == spec.session_id:
+                del sessions[name]
         if master is not None:
             tunnel.close_tunnel(master)
         if server is not None:
@@ -259,4 +298,6 @@ def _fresh_with(
             with contextlib.suppress(Exception):
                 remote.release(cfg, host)
         raise
-    return _result(session, reused=False, reopened=False)
+    return _result(
+        session, reused=False, reopened=False, attached=launched.attached_token is not None
+    )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from jlremote import remote, ssh, tunnel
+from jlremote import remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
-from jlremote.results import StatusRow
+from jlremote.results import RemoteRow, StatusRow
 from jlremote.state import Session, StateStore
 
 
@@ -46,21 +47,63 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                     errors[host] = error
 
     rows = []
+    now = time.time()
     for s in sorted(sessions.values(), key=lambda s: s.name):
         probed = answers.get(s.host, {}).get(s.server.session_id)
         server = "running" if probed == "running" else ("gone" if probed else "unknown")
+        report = supervisor.read_status(s.name)
+        activity = None
+        if tunnel.tunnel_process(s.tunnel) is not None:
+            state = "up"
+            api = (
+                None
+                if offline
+                else tunnel.api_status(s.tunnel.local_port, s.server.base_url, s.token, timeout=2.0)
+            )
+            activity = str(api["last_activity"]) if api and "last_activity" in api else None
+        elif supervisor.process_of(s) is not None:
+            state = "reconnecting"
+        elif report is not None and report.state == "failed":
+            state = "failed"
+        else:
+            state = "down"
         rows.append(
             StatusRow(
                 name=s.name,
                 host=s.host,
                 url=s.url,
                 server=server,
-                tunnel="up" if tunnel.tunnel_process(s.tunnel) is not None else "down",
+                tunnel=state,
                 local_port=s.tunnel.local_port,
                 remote_port=s.tunnel.remote_port,
                 server_pid=s.server.pid,
                 started_at=s.created,
                 error=errors.get(s.host),
+                uptime_s=round(now - s.created, 1),
+                transport="socket" if s.server.sock else "tcp",
+                tunnel_attempts=report.attempts if report and state != "up" else 0,
+                tunnel_error=report.last_error if report and state != "up" else None,
+                last_activity=activity,
             )
         )
     return rows
+
+
+def remote_status(host: str) -> list[RemoteRow]:
+    """What jlremote servers of this user run on HOST, started from any client."""
+    host = ssh.check_host(host)
+    cfg = ssh.SshConfig.from_environment()
+    known = {s.server.session_id for s in StateStore(state_dir()).read().values()}
+    entries = remote.list_sessions(cfg, host, timeout=cfg.connect_timeout + 15)
+    return [
+        RemoteRow(
+            host=host,
+            name=e.name,
+            session_id=e.session_id,
+            server_pid=e.pid,
+            transport="socket" if e.sock else "tcp",
+            notebook=e.kind == "notebook",
+            local=e.session_id in known,
+        )
+        for e in entries
+    ]

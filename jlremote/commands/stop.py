@@ -6,7 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from jlremote import remote, ssh, tunnel
+from jlremote import remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import StopResult
@@ -64,7 +64,9 @@ def _stop_one(
         session = store.read().get(name)
         if session is None:  # stopped by someone else meanwhile
             raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
+        supervisor.stop(session)  # first, or it would re-open the tunnel
         closed = tunnel.close_tunnel(session.tunnel)
+        tunnel.kill_masters(tunnel.master_path(session.server.session_id))
         try:
             server = remote.stop(cfg, session.host, remote.identity(session.server), grace)
         except JlremoteError as exc:
@@ -82,6 +84,8 @@ def _stop_one(
                 session.server.pid,
                 session.host,
             )
+        with contextlib.suppress(FileNotFoundError):
+            supervisor.status_path(name).unlink()
         with store.transaction() as sessions:
             sessions.pop(name, None)
             last_on_host = not any(s.host == session.host for s in sessions.values())

@@ -1,0 +1,195 @@
+"""The per-session supervisor: a small detached process of ours that keeps the tunnel up.
+
+`start` spawns it once the URL works. Every half second it checks the tunnel's ssh (PID +
+create time + control path); when that has died (the link dropped and the keepalives gave
+up, the laptop slept, someone killed it) it opens a new one on the same local port, so the
+browser's URL keeps working. Retries back off from 1 s, doubling, capped at 5 s, for as
+long as the session exists; an authentication or host-key failure will not heal by
+retrying and ends it. What it is doing is written to `supervisors/NAME.json` for `status`.
+
+Why our own process and not autossh: autossh gives up when ssh fails within its first 30 s
+(its "gate time"), does not know about re-adding the forward to a dedicated master, and
+cannot tell `status` why it is retrying.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from jlremote import proc, ssh, tunnel
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import ensure_private_dir, state_dir
+from jlremote.state import Session, StateStore
+
+log = logging.getLogger("jlremote.supervisor")
+
+POLL = 0.5
+BACKOFF_FIRST = 1.0
+BACKOFF_CAP = 5.0
+MODULE = "jlremote.supervisor"
+
+
+@dataclass(frozen=True)
+class SupervisorStatus:
+    """What the supervisor last reported."""
+
+    state: str  # up | reconnecting | failed
+    attempts: int = 0
+    last_error: str | None = None
+    since: float = 0.0
+
+
+def status_path(name: str) -> Path:
+    return state_dir() / "supervisors" / f"{name}.json"
+
+
+def read_status(name: str) -> SupervisorStatus | None:
+    """The supervisor's last report, or None if there is none (or it is unreadable)."""
+    try:
+        data: dict[str, Any] = json.loads(status_path(name).read_text())
+        return SupervisorStatus(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_status(name: str, st: SupervisorStatus) -> None:
+    directory = ensure_private_dir(state_dir() / "supervisors")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".sup.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(st.__dict__, f)
+    os.replace(tmp, directory / f"{name}.json")
+
+
+def argv_for(name: str) -> list[str]:
+    """How `start` launches the supervisor of session NAME."""
+    return [sys.executable, "-m", MODULE, name]
+
+
+def spawn(name: str) -> tuple[int, float]:
+    """Start the supervisor of NAME; returns its PID and create time."""
+    import psutil
+
+    logs = ensure_private_dir(state_dir() / "logs")
+    pid = proc.spawn_detached(argv_for(name), logs / f"{name}.supervisor.log")
+    return pid, psutil.Process(pid).create_time()
+
+
+def process_of(session: Session) -> Any:
+    """The live supervisor of SESSION (a psutil.Process) if PID, create time and command
+    line all match, else None."""
+    if session.supervisor_pid is None or session.supervisor_created is None:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(session.supervisor_pid)
+        if abs(p.create_time() - session.supervisor_created) > 0.01:
+            return None
+        cmd = p.cmdline()
+        if MODULE not in cmd or session.name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p
+    except psutil.Error:
+        return None
+
+
+def stop(session: Session, grace: float = 3.0) -> bool:
+    """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
+    p = process_of(session)
+    if p is None:
+        return False
+    tunnel.terminate(p, grace)
+    return True
+
+
+class _Stop(Exception):
+    pass
+
+
+def run(name: str) -> int:
+    """The supervisor's loop; returns when the session is gone or cannot heal."""
+    store = StateStore(state_dir())
+    first = store.read().get(name)
+    if first is None:
+        return 0
+    session_id = first.server.session_id
+    cfg = ssh.SshConfig.from_environment()
+    logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    st = SupervisorStatus("up", since=time.time())
+    _write_status(name, st)
+    delay = BACKOFF_FIRST
+    try:
+        while True:
+            session = store.read().get(name)
+            if session is None or session.server.session_id != session_id:
+                return 0  # stopped, or replaced by a new server
+            if tunnel.tunnel_process(session.tunnel) is not None:
+                if st.state != "up":
+                    st = SupervisorStatus("up", since=time.time())
+                    _write_status(name, st)
+                    delay = BACKOFF_FIRST
+                time.sleep(POLL)
+                continue
+            st = SupervisorStatus("reconnecting", st.attempts + 1, st.last_error, st.since)
+            _write_status(name, st)
+            t = session.tunnel
+            try:
+                new = tunnel.open_tunnel(
+                    cfg,
+                    session.host,
+                    session_id,
+                    t.local_port,
+                    t.remote_port,
+                    logfile,
+                    t.remote_socket,
+                )
+            except JlremoteError as exc:
+                log.info("attempt %d failed: %s", st.attempts, exc.message)
+                if exc.code == ExitCode.AUTH:
+                    _write_status(
+                        name, SupervisorStatus("failed", st.attempts, exc.message, time.time())
+                    )
+                    return 1
+                st = replace(st, last_error=exc.message)
+                _write_status(name, st)
+                time.sleep(delay)
+                delay = min(BACKOFF_CAP, delay * 2)
+                continue
+            with store.transaction() as sessions:
+                current = sessions.get(name)
+                if current is None or current.server.session_id != session_id:
+                    tunnel.close_tunnel(new)
+                    return 0
+                sessions[name] = replace(current, tunnel=new)
+            log.info("tunnel re-opened on port %d after %d attempt(s)", t.local_port, st.attempts)
+    except _Stop:
+        session = store.read().get(name)
+        if session is not None and session.server.session_id == session_id:
+            tunnel.close_tunnel(session.tunnel)
+        # A master this loop was starting when told to stop has no record yet.
+        tunnel.kill_masters(tunnel.master_path(session_id))
+        return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.exit(run(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
