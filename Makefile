@@ -11,13 +11,14 @@ REMOTE_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 DEMO_DIR ?= $(CURDIR)/.demo
 export JLREMOTE_TEST_REMOTE_VENV := $(REMOTE_VENV)
 
-.PHONY: help system-deps dev testbed-venv lint unit test bench demo demo-down clean
+.PHONY: help system-deps dev testbed-venv lint unit test bench recovery demo demo-down clean
 
 help:
 	@echo "make test       install what the tests need, lint, run the whole suite"
 	@echo "make lint       ruff + mypy --strict on the package"
 	@echo "make unit       only the fast tests (no sshd needed)"
 	@echo "make bench      time jlremote against its baselines (prints a table)"
+	@echo "make recovery   how fast a URL works again after real faults (about 4 min)"
 	@echo "make demo       a throwaway local 'remote' (sshd + JupyterLab) and a real start"
 	@echo "make demo-down  stop the demo session and tear the sandbox down"
 
@@ -65,6 +66,9 @@ test: system-deps dev testbed-venv lint
 
 bench: system-deps dev testbed-venv
 	$(BIN)/python -m tests.bench
+
+recovery: system-deps dev testbed-venv
+	$(BIN)/python -m tests.recovery
 
 demo: system-deps dev testbed-venv
 	@$(BIN)/python -m tests.testbed up $(DEMO_DIR)

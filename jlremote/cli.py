@@ -89,6 +89,28 @@ def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         typer.echo("  ".join([*cells, row[-1]]))
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _ago(iso: str | None) -> str:
+    """The server's last activity (an ISO time in UTC) as `5m ago`; `-` if unknown."""
+    if not iso:
+        return "-"
+    from datetime import datetime, timezone
+
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    return _duration(max(0.0, (datetime.now(timezone.utc) - then).total_seconds())) + " ago"
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"jlremote {__version__}")
@@ -302,8 +324,19 @@ def status(
             typer.echo("no sessions", err=True)
         return
     _print_table(
-        ("NAME", "HOST", "SERVER", "TUNNEL", "URL"),
-        [(r.name, r.host, r.server, r.tunnel, r.url) for r in rows],
+        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE", "URL"),
+        [
+            (
+                r.name,
+                r.host,
+                r.server,
+                r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
+                _duration(r.uptime_s),
+                _ago(r.last_activity),
+                r.url,
+            )
+            for r in rows
+        ],
     )
     for r in rows:
         if r.error:
