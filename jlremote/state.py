@@ -71,6 +71,8 @@ class Session:
     # The process of ours that keeps the tunnel up (PID + create time identify it).
     supervisor_pid: int | None = None
     supervisor_created: float | None = None
+    # What `start` was asked for (a canonical string), to notice a different ask later.
+    launch_options: str = ""
 
     @property
     def url(self) -> str:
@@ -97,6 +99,7 @@ class Session:
             created=float(data.get("created", 0.0)),
             supervisor_pid=data.get("supervisor_pid"),
             supervisor_created=data.get("supervisor_created"),
+            launch_options=str(data.get("launch_options", "")),
         )
 
 

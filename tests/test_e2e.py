@@ -80,6 +80,11 @@ def test_start_twice_reuses_the_session(jl: Jl, testbed: Testbed) -> None:
     assert data["url"] == first.url and data["reused"] is True
     assert {"name", "host", "url", "local_port"} <= set(data)
     assert len(jupyter_pids(testbed)) == 1
+    assert "other options" not in second.stderr
+    third = jl("start", ALIAS, "--dir", "/elsewhere")  # an ask the running one cannot meet
+    assert third.rc == 0 and third.url == first.url
+    assert "already running with other options" in third.stderr
+    assert len(jupyter_pids(testbed)) == 1
 
 
 def test_start_repairs_a_local_reboot(jl: Jl, testbed: Testbed) -> None:

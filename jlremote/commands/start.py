@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -37,6 +38,22 @@ class StartOptions:
     timeout: float = 60.0
     transport: str = "auto"  # auto | socket | tcp
     attach: bool = False  # only attach to a server of this name already on the remote
+
+
+def launch_options(opts: StartOptions) -> str:
+    """The options that shape a new server, as a canonical string."""
+    return json.dumps(
+        {
+            "notebook": opts.notebook,
+            "port": opts.port,
+            "dir": opts.directory,
+            "env": opts.env,
+            "jupyter": opts.jupyter,
+            "allow_root": opts.allow_root,
+            "transport": opts.transport,
+        },
+        sort_keys=True,
+    )
 
 
 def check_name(name: str) -> str:
@@ -90,6 +107,12 @@ def start(opts: StartOptions) -> StartResult:
                     f"session {name!r} already runs on {existing.host}; "
                     f"stop it or choose another --name",
                     ExitCode.USAGE,
+                )
+            if existing.launch_options and existing.launch_options != launch_options(opts):
+                log.warning(
+                    "session %r is already running with other options; reusing it as it is "
+                    "(stop it first to start it with the new ones)",
+                    name,
                 )
             reused = _reuse(cfg, store, existing, opts)
             if reused is not None:
@@ -277,7 +300,14 @@ def _fresh_with(
             found = server
             log.debug("server pid %d listens on remote port %d", found.pid, found.port)
             master = tunnel.add_forward(cfg, host, master, local_port, found.port, found.sock)
-        session = Session(name=name, host=host, token=token, server=found, tunnel=master)
+        session = Session(
+            name=name,
+            host=host,
+            token=token,
+            server=found,
+            tunnel=master,
+            launch_options=launch_options(opts),
+        )
         tunnel.wait_for_api(
             local_port, found.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
         )
