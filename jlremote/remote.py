@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from jlremote import proc, scripts, ssh
 from jlremote.errors import ExitCode, JlremoteError
@@ -107,20 +107,8 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
             "(e.g. --port 8888) or upgrade jupyter_server",
             ExitCode.SERVER,
         )
-    return Launched(
-        RemoteServer(
-            session_id=spec.session_id,
-            pid=report.pid,
-            started=report.started,
-            cmdline=report.cmdline,
-            port=report.port,
-            base_url=report.base_url,
-            session_dir=report.session_dir,
-            notebook=spec.notebook,
-            version=report.version,
-            sock=report.sock if spec.transport == "socket" else "",
-        )
-    )
+    # The report of a server we just started: the same shape as a registry entry.
+    return Launched(server_of(replace(report, session_id=spec.session_id, kind=spec.subcommand)))
 
 
 def server_of(report: scripts.LaunchReport) -> RemoteServer:
