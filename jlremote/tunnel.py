@@ -1,4 +1,5 @@
-"""The local end: free ports, the `ssh -N -L` tunnel process, and proving the URL works."""
+"""The local end: free ports, the tunnel's own ssh master and its forward, and proving the
+URL works."""
 
 from __future__ import annotations
 
