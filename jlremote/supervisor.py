@@ -28,7 +28,7 @@ from typing import Any
 from jlremote import proc, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
-from jlremote.state import Session, StateStore
+from jlremote.state import Session, StateStore, Tunnel
 
 log = logging.getLogger("jlremote.supervisor")
 
@@ -181,8 +181,10 @@ def run(name: str) -> int:
         session = store.read().get(name)
         if session is not None and session.server.session_id == session_id:
             tunnel.close_tunnel(session.tunnel)
-        # A master this loop was starting when told to stop has no record yet.
-        tunnel.kill_masters(tunnel.master_path(session_id))
+        else:
+            # close_tunnel also finds, by its control socket, a master this loop was
+            # starting when told to stop (no record names it yet).
+            tunnel.close_tunnel(Tunnel(0, 0, control_path=tunnel.master_path(session_id)))
         return 0
 
 

@@ -196,34 +196,32 @@ def terminate(p: psutil.Process, grace: float) -> None:
 
 
 def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
-    """Terminate our tunnel process (TERM, then KILL). False if it was already gone."""
+    """Terminate our tunnel process (TERM, then KILL). False if it was already gone.
+
+    A master that no record names (its start was interrupted) still holds the control
+    socket; only then are processes searched for it.
+    """
     p = tunnel_process(tunnel)
     if p is not None:
         terminate(p, grace)
-    if tunnel.control_path:
+    if tunnel.control_path and os.path.exists(tunnel.control_path):
+        _kill_masters(tunnel.control_path, grace)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tunnel.control_path)
     return p is not None
 
 
-def kill_masters(control_path: str) -> list[int]:
-    """Terminate any ssh master of ours still serving CONTROL_PATH (a private per-session
-    path in our own runtime dir), e.g. one whose start was interrupted before recording."""
+def _kill_masters(control_path: str, grace: float) -> None:
     import psutil
 
     marker = f"ControlPath={control_path}"
-    killed = []
-    for p in psutil.process_iter(["cmdline"]):
+    for q in psutil.process_iter(["cmdline"]):
         try:
-            cmd = p.info["cmdline"] or []
-            if marker in cmd and "-N" in cmd:
-                p.terminate()
-                killed.append(p.pid)
+            cmd = q.info["cmdline"] or []
         except psutil.Error:
             continue
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(control_path)
-    return killed
+        if marker in cmd and "-N" in cmd:
+            terminate(q, grace)
 
 
 def api_status(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any] | None:

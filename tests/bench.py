@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,14 @@ def http_ok(url: str, token: str | None = None) -> bool:
     try:
         with opener.open(req, timeout=2) as r:
             return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
     except OSError:
         return False
 
@@ -146,8 +155,12 @@ class Bench:
         for _ in range(RUNS):
             live.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
             state = json.loads((Path(self.env["JLREMOTE_STATE_DIR"]) / "sessions.json").read_text())
-            os.kill(state["sessions"][ALIAS]["tunnel"]["pid"], signal.SIGKILL)
-            time.sleep(0.05)  # let the kernel reap the listener (a bench, not a test)
+            record = state["sessions"][ALIAS]
+            # Supervisor too (else it heals the tunnel first): the local-reboot case.
+            os.kill(record["supervisor_pid"], signal.SIGKILL)
+            os.kill(record["tunnel"]["pid"], signal.SIGKILL)
+            port = record["tunnel"]["local_port"]
+            wait_until(lambda p=port: not port_open(p), 10, "the dead tunnel's port to close")
             dead.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
         self.row("start of a live session", live, None, 0.3, "seconds")
         self.row("start with the tunnel dead", dead, None, 0.6, "seconds")

@@ -35,10 +35,10 @@ class Result:
 class Jl:
     """Runs `python -m jlremote ...` as a real process, with its own state dir."""
 
-    def __init__(self, env: dict[str, str], state_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], state_dir: Path, runtime_dir: Path) -> None:
         self.env = env
         self.state_dir = state_dir
-        self.runtime_dir = state_dir
+        self.runtime_dir = runtime_dir
 
     def __call__(
         self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
@@ -135,8 +135,7 @@ def jl(testbed: Testbed, tmp_path: Path) -> Iterator[Jl]:
         JLREMOTE_RUNTIME_DIR=runtime,
     )
     env.pop("DISPLAY", None)
-    runner = Jl(env, state)
-    runner.runtime_dir = Path(runtime)
+    runner = Jl(env, state, Path(runtime))
     yield runner
     runner("stop", "--all", "--forget", "--grace", "3")
     stray_local = testbed.kill_local_ssh(marker=runtime) + kill_supervisors(state)

@@ -167,11 +167,15 @@ def test_two_sessions_on_one_host_and_stop_leaves_strangers_alone(jl: Jl, testbe
 
 
 def test_notebook(jl: Jl, testbed: Testbed) -> None:
-    r = jl("start", ALIAS, "--notebook")
+    r = jl("start", ALIAS, "--notebook", "--json")
     assert r.rc == 0, r.stderr
-    assert "/tree?token=" in r.url
-    status, body = http_get(r.url)
-    assert (status == 200 and b"Jupyter Notebook" in body) or b"notebook" in body.lower()
+    data = r.json()
+    assert "/tree?token=" in data["url"]
+    status, body = http_get(data["url"])
+    assert status == 200 and b"notebook" in body.lower()
+    # The server really is Notebook, not Lab answering a /tree URL.
+    cmdline = psutil.Process(data["server_pid"]).cmdline()
+    assert any(Path(a).name == "jupyter-notebook" for a in cmdline), cmdline
 
 
 def test_dir_becomes_the_served_directory(jl: Jl, testbed: Testbed) -> None:
@@ -304,8 +308,13 @@ def test_connection_failures(jl: Jl, testbed: Testbed, host: str, code: int, wor
 
 
 def test_bad_host_argument(jl: Jl) -> None:
-    r = jl("start", "-oProxyCommand=touch /tmp/pwned")
+    marker = Path(jl.state_dir.parent) / "pwned"
+    r = jl("start", f"-oProxyCommand=touch {marker}")  # refused by the option parser
+    assert r.rc == 2 and "Traceback" not in r.stderr
+    r = jl("start", "--", f"-oProxyCommand=touch {marker}")  # past it: refused by us
     assert r.rc == 2
+    assert_one_error_line(r.stderr, "not a valid ssh destination")
+    assert not marker.exists()
 
 
 def test_jupyter_not_found_says_how_to_fix_it(jl: Jl, testbed: Testbed) -> None:

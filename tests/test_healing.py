@@ -119,6 +119,7 @@ def test_second_client_attaches_to_the_same_server(jl: Jl, testbed: Testbed) -> 
     other = Jl(
         dict(jl.env, JLREMOTE_STATE_DIR=str(other_state), JLREMOTE_RUNTIME_DIR=other_rt),
         other_state,
+        Path(other_rt),
     )
     try:
         listed = other("status", "--remote", ALIAS, "--json").json()

@@ -301,12 +301,16 @@ class Testbed:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
         )
-        with contextlib.suppress(TimeoutError):
+        try:
             wait_until(
                 lambda: proc.poll() is not None or _port_open(self.remote_ip, port),
                 10,
-                "sshd to listen",
+                f"sshd ({conf}) to listen",
             )
+        except TimeoutError:
+            proc.kill()  # not recorded yet: close() would not find it
+            proc.wait(10)
+            raise
         if proc.poll() is not None:
             raise RuntimeError(f"sshd failed: {(w / f'{conf}.log').read_text()}")
         return proc.pid

@@ -143,7 +143,6 @@ def _reuse(
     # We re-open the tunnel ourselves, now: its supervisor (if any) steps aside.
     supervisor.stop(session)
     tunnel.close_tunnel(session.tunnel)
-    tunnel.kill_masters(tunnel.master_path(session.server.session_id))
     local_port = session.tunnel.local_port
     if not tunnel.port_is_free(local_port):
         if opts.local_port is not None and opts.local_port == local_port:
@@ -271,6 +270,7 @@ def _fresh_with(
     logfile = _tunnel_log(name)
     server: RemoteServer | None = None
     master: Tunnel | None = None
+    recorded = False
     try:
         # Authenticate once (this may prompt), then overlap: the server starts through the
         # shared connection while the tunnel's own connection is being made.
@@ -279,12 +279,13 @@ def _fresh_with(
             pending = pool.submit(_master_and_preload, cfg, host, spec.session_id, logfile)
             try:
                 launched = remote.launch(cfg, host, spec, token)
-                server = launched.server
             finally:
                 # Whatever happened, own the master so that it can be closed.
-                with contextlib.suppress(Exception):
+                if pending.exception() is None:
                     master = pending.result()
-            master = pending.result()
+        server = launched.server
+        if master is None:
+            raise pending.exception() or AssertionError("no tunnel master")
         local_port = opts.local_port or tunnel.pick_free_port()
         if launched.attached_token is not None:
             # Another client's server: not ours to stop if attaching fails here, and the
@@ -313,12 +314,13 @@ def _fresh_with(
         )
         with store.transaction() as sessions:
             sessions[name] = session
+        recorded = True
         session = _supervise(store, session)
     except BaseException:
-        # Nothing half-done stays behind: the tunnel and the server we just started go.
-        with contextlib.suppress(Exception), store.transaction() as sessions:
-            if name in sessions and sessions[name].server.session_id == spec.session_id:
-                del sessions[name]
+        # Nothing half-done stays behind: the record, the tunnel and the server we started.
+        if recorded:
+            with contextlib.suppress(Exception), store.transaction() as sessions:
+                sessions.pop(name, None)
         if master is not None:
             tunnel.close_tunnel(master)
         if server is not None:

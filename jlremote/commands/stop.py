@@ -66,7 +66,6 @@ def _stop_one(
             raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
         supervisor.stop(session)  # first, or it would re-open the tunnel
         closed = tunnel.close_tunnel(session.tunnel)
-        tunnel.kill_masters(tunnel.master_path(session.server.session_id))
         try:
             server = remote.stop(cfg, session.host, remote.identity(session.server), grace)
         except JlremoteError as exc:
