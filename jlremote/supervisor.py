@@ -69,33 +69,39 @@ def _write_status(name: str, st: SupervisorStatus) -> None:
     os.replace(tmp, directory / f"{name}.json")
 
 
-def argv_for(name: str) -> list[str]:
+def argv_for(name: str, wait: float) -> list[str]:
     """How `start` launches the supervisor of session NAME."""
-    return [sys.executable, "-m", MODULE, name]
+    return [sys.executable, "-m", MODULE, name, f"{wait:g}"]
 
 
-def spawn(name: str) -> tuple[int, float]:
-    """Start the supervisor of NAME; returns its PID and create time."""
+def spawn(name: str, wait: float = 30.0) -> tuple[int, float]:
+    """Start the supervisor of NAME; returns its PID and create time. It takes up its
+    work once the session's record names it, and gives up if none does within WAIT
+    seconds: so `start` can spawn it early, while the server boots."""
     import psutil
 
     logs = ensure_private_dir(state_dir() / "logs")
-    pid = proc.spawn_detached(argv_for(name), logs / f"{name}.supervisor.log")
+    pid = proc.spawn_detached(argv_for(name, wait), logs / f"{name}.supervisor.log")
     return pid, psutil.Process(pid).create_time()
 
 
 def process_of(session: Session) -> Any:
     """The live supervisor of SESSION (a psutil.Process) if PID, create time and command
     line all match, else None."""
-    if session.supervisor_pid is None or session.supervisor_created is None:
+    return _process(session.name, session.supervisor_pid, session.supervisor_created)
+
+
+def _process(name: str, pid: int | None, created: float | None) -> Any:
+    if pid is None or created is None:
         return None
     import psutil
 
     try:
-        p = psutil.Process(session.supervisor_pid)
-        if abs(p.create_time() - session.supervisor_created) > 0.01:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) > 0.01:
             return None
         cmd = p.cmdline()
-        if MODULE not in cmd or session.name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
+        if MODULE not in cmd or name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
             return None
         return p
     except psutil.Error:
@@ -104,39 +110,55 @@ def process_of(session: Session) -> Any:
 
 def stop(session: Session, grace: float = 3.0) -> bool:
     """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
-    p = process_of(session)
+    return stop_process(session.name, session.supervisor_pid, session.supervisor_created, grace)
+
+
+def stop_process(name: str, pid: int | None, created: float | None, grace: float = 3.0) -> bool:
+    """Terminate the supervisor of NAME known as PID + CREATED (recorded or not yet)."""
+    p = _process(name, pid, created)
     if p is None:
         return False
     tunnel.terminate(p, grace)
     return True
 
 
+def _mine(session: Session | None) -> bool:
+    return session is not None and session.supervisor_pid == os.getpid()
+
+
 class _Stop(Exception):
     pass
 
 
-def run(name: str) -> int:
-    """The supervisor's loop; returns when the session is gone or cannot heal."""
-    store = StateStore(state_dir())
-    first = store.read().get(name)
-    if first is None:
-        return 0
-    session_id = first.server.session_id
-    cfg = ssh.SshConfig.from_environment()
-    logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
+def run(name: str, wait: float) -> int:
+    """The supervisor's loop; returns when the session is gone, is no longer ours (a new
+    server got its own supervisor), or cannot heal."""
 
     def on_term(_sig: int, _frame: object) -> None:
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    store = StateStore(state_dir())
+    deadline = time.monotonic() + wait
+    try:
+        while not _mine(first := store.read().get(name)):
+            if time.monotonic() > deadline:
+                return 0  # the start that spawned us did not get as far as recording
+            time.sleep(0.1)
+    except _Stop:
+        return 0
+    assert first is not None
+    session_id = first.server.session_id
+    cfg = ssh.SshConfig.from_environment()
+    logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
     st = SupervisorStatus("up", since=time.time())
     _write_status(name, st)
     delay = BACKOFF_FIRST
     try:
         while True:
             session = store.read().get(name)
-            if session is None or session.server.session_id != session_id:
+            if session is None or not _mine(session):
                 return 0  # stopped, or replaced by a new server
             if tunnel.tunnel_process(session.tunnel) is not None:
                 if st.state != "up":
@@ -172,14 +194,14 @@ def run(name: str) -> int:
                 continue
             with store.transaction() as sessions:
                 current = sessions.get(name)
-                if current is None or current.server.session_id != session_id:
+                if current is None or not _mine(current):
                     tunnel.close_tunnel(new)
                     return 0
                 sessions[name] = replace(current, tunnel=new)
             log.info("tunnel re-opened on port %d after %d attempt(s)", t.local_port, st.attempts)
     except _Stop:
         session = store.read().get(name)
-        if session is not None and session.server.session_id == session_id:
+        if session is not None and _mine(session):
             tunnel.close_tunnel(session.tunnel)
         else:
             # close_tunnel also finds, by its control socket, a master this loop was
@@ -190,7 +212,7 @@ def run(name: str) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    sys.exit(run(sys.argv[1]))
+    sys.exit(run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 30.0))
 
 
 if __name__ == "__main__":

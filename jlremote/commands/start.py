@@ -212,10 +212,14 @@ def _open_and_verify(
     return t
 
 
-def _master_and_preload(cfg: ssh.SshConfig, host: str, session_id: str, logfile: Path) -> Tunnel:
+def _master_and_helpers(
+    cfg: ssh.SshConfig, host: str, session_id: str, logfile: Path, name: str, wait: float
+) -> tuple[Tunnel, tuple[int, float]]:
+    """While the server boots: the tunnel's connection, the imports verification needs,
+    and the supervisor (it waits until the session's record names it)."""
     master = tunnel.start_master(cfg, host, session_id, logfile)
     tunnel.preload()
-    return master
+    return master, supervisor.spawn(name, wait)
 
 
 def _socket_unsupported(exc: JlremoteError) -> bool:
@@ -270,19 +274,22 @@ def _fresh_with(
     logfile = _tunnel_log(name)
     server: RemoteServer | None = None
     master: Tunnel | None = None
-    recorded = False
+    sup_pid: int | None = None
+    sup_created: float | None = None
     try:
         # Authenticate once (this may prompt), then overlap: the server starts through the
         # shared connection while the tunnel's own connection is being made.
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(_master_and_preload, cfg, host, spec.session_id, logfile)
+            pending = pool.submit(
+                _master_and_helpers, cfg, host, spec.session_id, logfile, name, opts.timeout + 60
+            )
             try:
                 launched = remote.launch(cfg, host, spec, token)
             finally:
-                # Whatever happened, own the master so that it can be closed.
+                # Whatever happened, own the master and the supervisor so that they can go.
                 if pending.exception() is None:
-                    master = pending.result()
+                    master, (sup_pid, sup_created) = pending.result()
         server = launched.server
         if master is None:
             raise pending.exception() or AssertionError("no tunnel master")
@@ -308,19 +315,17 @@ def _fresh_with(
             server=found,
             tunnel=master,
             launch_options=launch_options(opts),
+            supervisor_pid=sup_pid,
+            supervisor_created=sup_created,
         )
         tunnel.wait_for_api(
             local_port, found.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
         )
         with store.transaction() as sessions:
             sessions[name] = session
-        recorded = True
-        session = _supervise(store, session)
     except BaseException:
-        # Nothing half-done stays behind: the record, the tunnel and the server we started.
-        if recorded:
-            with contextlib.suppress(Exception), store.transaction() as sessions:
-                sessions.pop(name, None)
+        # Nothing half-done stays behind: the supervisor, the tunnel and the server.
+        supervisor.stop_process(name, sup_pid, sup_created)
         if master is not None:
             tunnel.close_tunnel(master)
         if server is not None:
