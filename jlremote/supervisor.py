@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -70,8 +71,10 @@ def _write_status(name: str, st: SupervisorStatus) -> None:
 
 
 def argv_for(name: str, wait: float) -> list[str]:
-    """How `start` launches the supervisor of session NAME."""
-    return [sys.executable, "-m", MODULE, name, f"{wait:g}"]
+    """How `start` launches the supervisor of session NAME: at a lower CPU priority, as it
+    starts while the user waits for a server (which may boot on this very machine)."""
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    return [*nice, sys.executable, "-m", MODULE, name, f"{wait:g}"]
 
 
 def spawn(name: str, wait: float = 30.0) -> tuple[int, float]:
