@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import threading
+import time
 from typing import Annotated, Any
 
 import typer
@@ -111,6 +114,49 @@ def _ago(iso: str | None) -> str:
     return _duration(max(0.0, (datetime.now(timezone.utc) - then).total_seconds())) + " ago"
 
 
+class _ProgressLine:
+    """One live line on stderr (a terminal only): the current step and the time so far,
+    redrawn in place, erased at the end. Stdout never sees it."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.text = ""
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def step(self, text: str) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            self.text = text
+            self._draw()
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._done.wait(0.2):
+            with self._lock:
+                self._draw()
+
+    def _draw(self) -> None:
+        if self._done.is_set():
+            return
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        line = f"jlremote: {self.text} ({time.monotonic() - self.started:.1f}s)"
+        sys.stderr.write("\r\x1b[K" + line[:width])
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._done.set()
+            if self.enabled and self.text:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"jlremote {__version__}")
@@ -213,9 +259,15 @@ def start(
         ),
     ] = None,
     timeout: Annotated[
-        float,
-        typer.Option("--timeout", "-t", help="Seconds to wait for the server to come up.", min=1),
-    ] = 60.0,
+        float | None,
+        typer.Option(
+            "--timeout",
+            "-t",
+            help="Seconds to wait for the server to come up (default 60; with --slurm 300, "
+            "queue wait included).",
+            min=1,
+        ),
+    ] = None,
     transport: Annotated[
         str,
         typer.Option(
@@ -233,35 +285,63 @@ def start(
             "any computer); never start one. Without it, such a server is attached to anyway.",
         ),
     ] = False,
+    use_slurm: Annotated[
+        bool,
+        typer.Option(
+            "--slurm",
+            help="Run the server in a Slurm batch job on a compute node; HOST is the login "
+            "host, and the tunnel goes through it to the node.",
+        ),
+    ] = False,
+    sbatch: Annotated[
+        str,
+        typer.Option(
+            "--sbatch",
+            help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
+            "(each passed to sbatch as its own argument).",
+        ),
+    ] = "",
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")
+    ] = False,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Start JupyterLab on HOST (or reuse the running session) and print its URL.
 
-    The URL, with its token, is the last line of stdout. Running it again for a live
-    session prints the same URL and starts nothing new.
+    The URL, with its token, is the only line on stdout (or the JSON with `--json`), so
+    `$(jlremote start HOST)` works in scripts. Running it again for a live session prints
+    the same URL and starts nothing new. On a terminal, one live line on stderr shows
+    what it is doing.
     """
     _setup_logging(verbose)
     from jlremote.commands.start import StartOptions
     from jlremote.commands.start import start as do_start
 
-    result = _guarded(
-        do_start,
-        StartOptions(
-            host=host,
-            name=name,
-            notebook=notebook,
-            port=port,
-            local_port=local_port,
-            directory=directory,
-            env=env,
-            jupyter=jupyter,
-            allow_root=allow_root,
-            timeout=timeout,
-            transport=transport,
-            attach=attach,
-        ),
-    )
+    line = _ProgressLine(enabled=not quiet and not verbose and sys.stderr.isatty())
+    try:
+        result = _guarded(
+            do_start,
+            StartOptions(
+                host=host,
+                name=name,
+                notebook=notebook,
+                port=port,
+                local_port=local_port,
+                directory=directory,
+                env=env,
+                jupyter=jupyter,
+                allow_root=allow_root,
+                timeout=timeout,
+                transport=transport,
+                attach=attach,
+                slurm=use_slurm,
+                sbatch=sbatch,
+                progress=line.step,
+            ),
+        )
+    finally:
+        line.close()
     if _want_browser(open_browser):
         from jlremote.browser import open_url
 
@@ -323,8 +403,11 @@ def status(
         if sys.stderr.isatty():
             typer.echo("no sessions", err=True)
         return
+    jobs = any(r.job_id for r in rows)
     _print_table(
-        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE", "URL"),
+        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE")
+        + (("JOB", "NODE", "STATE", "LEFT") if jobs else ())
+        + ("URL",),
         [
             (
                 r.name,
@@ -333,8 +416,13 @@ def status(
                 r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
                 _duration(r.uptime_s),
                 _ago(r.last_activity),
-                r.url,
             )
+            + (
+                (r.job_id or "-", r.node or "-", r.job_state or "-", r.time_left or "-")
+                if jobs
+                else ()
+            )
+            + (r.url,)
             for r in rows
         ],
     )

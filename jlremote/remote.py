@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-from jlremote import proc, scripts, ssh
+from jlremote import proc, scripts, slurm, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.state import RemoteServer
 
@@ -143,19 +143,16 @@ def _identity(session_id: str, report: scripts.LaunchReport) -> scripts.ServerId
 
 def identity(server: RemoteServer) -> scripts.ServerIdentity:
     """What proves a remote process is this server."""
-    return scripts.ServerIdentity(server.session_id, server.pid, server.started, server.cmdline)
+    return scripts.ServerIdentity(
+        server.session_id, server.pid, server.started, server.cmdline, server.job_id
+    )
 
 
 def probe(
     cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
 ) -> dict[str, str]:
     """One ssh call: for each server's session id, `running`, `gone` or `foreign`."""
-    script = scripts.probe_script([identity(s) for s in servers])
-    done = _ssh_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
-    if done.returncode != 0:
-        msg, _ = _remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
-        raise JlremoteError(msg, ExitCode.CONNECT)
-    return scripts.parse_probe_output(done.stdout)
+    return probe_jobs(cfg, host, servers, timeout)[0]
 
 
 def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0) -> str:
@@ -170,3 +167,111 @@ def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: f
         msg, _ = _remote_message(done.stderr, f"stopping on {host} failed (exit {done.returncode})")
         raise JlremoteError(msg, ExitCode.ERROR)
     return state
+
+
+# ---- a server in a Slurm batch job -----------------------------------------------------
+
+
+def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tuple[str, str]:
+    """Submit the session's job on the login host HOST; returns the job id and the session
+    directory. The token goes over stdin into a 0600 file in the session directory."""
+    done = _ssh_script(
+        cfg,
+        host,
+        slurm.submit_script(job),
+        timeout=cfg.connect_timeout + 60,
+        what=f"submitting the job on {host}",
+        stdin_text=token + "\n",
+    )
+    rc = done.returncode
+    if rc == slurm.RC_SBATCH_FAILED:
+        lines = [ln.strip() for ln in done.stderr.strip().splitlines() if ln.strip()]
+        said = [
+            ln.removeprefix("sbatch: error: ") for ln in lines if not ln.startswith("jlremote: ")
+        ]
+        why = said[-1] if said else "no reason given"
+        raise JlremoteError(
+            f"sbatch refused the job: {why}", ExitCode.REMOTE_ENV, detail="\n".join(said[:-1])
+        )
+    if rc != 0:
+        msg, detail = _remote_message(done.stderr, f"submitting the job failed (exit {rc})")
+        raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
+    reported: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        reported[key] = value
+    job_id = reported.get("JLREMOTE-JOB", "").strip()
+    if job_id.isdigit():
+        return job_id, reported.get("JLREMOTE-DIR", "").strip()
+    raise JlremoteError(
+        f"sbatch on {host} did not report a job id", ExitCode.SERVER, detail=done.stdout
+    )
+
+
+@dataclass(frozen=True)
+class JobPoll:
+    """One look at the job: its state, the server once it is up, and (once the job has
+    ended) the last lines of its log."""
+
+    poll: slurm.JobPoll
+    log_tail: str
+
+
+def poll_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
+    done = _ssh_script(
+        cfg,
+        host,
+        slurm.poll_script(session_id, job_id),
+        timeout=cfg.connect_timeout + 15,
+        what=f"asking {host} about job {job_id}",
+    )
+    return JobPoll(slurm.parse_poll_output(done.stdout), done.stderr.strip())
+
+
+def cancel_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
+    """scancel the job (if still ours) and remove its session directory; returns its last
+    state and the tail of its log."""
+    done = _ssh_script(
+        cfg,
+        host,
+        slurm.cancel_script(session_id, job_id),
+        timeout=cfg.connect_timeout + 15,
+        what=f"cancelling job {job_id} on {host}",
+    )
+    return JobPoll(slurm.parse_poll_output(done.stdout), done.stderr.strip())
+
+
+def probe_jobs(
+    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
+) -> tuple[dict[str, str], dict[str, slurm.JobState]]:
+    """probe(), plus what Slurm says about the jobs of job servers."""
+    script = scripts.probe_script([identity(s) for s in servers])
+    done = _ssh_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
+    if done.returncode != 0:
+        msg, _ = _remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
+        raise JlremoteError(msg, ExitCode.CONNECT)
+    jobs = {
+        sid: slurm.parse_job_state(line)
+        for sid, line in scripts.parse_probe_jobs(done.stdout).items()
+    }
+    return scripts.parse_probe_output(done.stdout), jobs
+
+
+def job_failure(job_id: str, state: slurm.JobState, log_tail: str) -> JlremoteError:
+    """The error for a job that ended before its server was up, from its log's tail."""
+    ended = state.state.lower() if state.state else "ended"
+    msg, detail = _remote_message(log_tail, f"job {job_id} {ended} before the server started")
+    if msg.endswith("not found on the compute node"):
+        return JlremoteError(
+            f"job {job_id}: {msg} (put it on PATH with --env 'source ~/venv/bin/activate' or "
+            "'module load ...', or give --jupyter /path/to/jupyter)",
+            ExitCode.REMOTE_ENV,
+            detail=detail,
+        )
+    if "--env" in msg or "directory not found" in msg:
+        return JlremoteError(f"job {job_id}: {msg}", ExitCode.REMOTE_ENV, detail=detail)
+    if msg.startswith("job "):
+        return JlremoteError(msg, ExitCode.SERVER, detail=detail)
+    return JlremoteError(
+        f"job {job_id} {ended} before the server started: {msg}", ExitCode.SERVER, detail=detail
+    )

@@ -22,6 +22,8 @@ class StartResult:
     tunnel_reopened: bool
     transport: str  # socket | tcp
     attached: bool = False  # found running on the remote (started from another client)
+    job_id: str = ""  # --slurm: the batch job that runs the server
+    node: str = ""  # --slurm: the compute node it runs on
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,6 +48,10 @@ class StatusRow:
     tunnel_attempts: int = 0  # reconnection attempts so far (tunnel "reconnecting")
     tunnel_error: str | None = None  # why the last attempt failed
     last_activity: str | None = None  # the server's own, from /api/status
+    job_id: str = ""  # --slurm: the batch job, its node, its state and walltime left
+    node: str = ""
+    job_state: str = ""  # e.g. RUNNING, CANCELLED; "" when not known or not a job
+    time_left: str = ""  # squeue's %L, e.g. 3:59:58 or UNLIMITED
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -288,12 +288,14 @@ def parse_launch_output(stdout: str) -> LaunchReport:
 
 @dataclass(frozen=True)
 class ServerIdentity:
-    """How a remote server process is recognised: all three must match."""
+    """How a remote server process is recognised: all three must match. A server in a
+    Slurm job is recognised by its job id and the job's comment instead."""
 
     session_id: str
     pid: int
     started: str
     cmdline: str
+    job_id: str = ""
 
 
 _IDENTITY_CHECK = (
@@ -336,6 +338,15 @@ _REGISTRY = r"""report_entry() {
 }
 scan() {
   for e in "$HOME"/.jlremote/sessions/*; do
+    if [ -f "$e/job.id" ]; then
+      # A server in a Slurm job: not on this host, so not attachable here. Its directory
+      # goes once Slurm says the job has ended (never when squeue cannot tell).
+      command -v squeue >/dev/null 2>&1 || continue
+      js=$(squeue -h -t all -j "$(cat "$e/job.id")" -o %T 2>/dev/null | head -n 1) || continue
+      case "$js" in ""|COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|PREEMPTED|BOOT_FAIL|\
+DEADLINE|OUT_OF_MEMORY) rm -rf "$e";; esac
+      continue
+    fi
     [ -f "$e/server.pid" ] || continue
     p=$(cat "$e/server.pid"); st=$(cat "$e/server.start" 2>/dev/null)
     if is_ours "$p" "$st" "$(cat "$e/server.args" 2>/dev/null)"; then
@@ -361,16 +372,42 @@ def probe_script(servers: list[ServerIdentity]) -> str:
 
     `foreign` means the PID is alive but is another process now (PID reuse).
     """
+    from jlremote import slurm
+
     lines = [_IDENTITY_CHECK.rstrip("\n")]
     lines.append(
         'probe() { is_ours "$2" "$3" "$4"; case $? in '
         "0) s=running;; 1) s=gone;; *) s=foreign;; esac; "
         'printf \'JLREMOTE-PROBE %s %s\\n\' "$1" "$s"; }'
     )
+    if any(srv.job_id for srv in servers):
+        # A job's server runs while the job is RUNNING with our comment; the state line
+        # (`JLREMOTE-JOB SESSION STATE|REASON|NODE|LEFT|COMMENT`) goes to status as is.
+        lines.append(slurm.job_state_function().rstrip("\n"))
+        lines.append(
+            'probe_job() { js=$(job_state "$2"); '
+            """printf 'JLREMOTE-JOB %s %s\\n' "$1" "$js"; case "$js" in """
+            '"RUNNING|"*"|$3") s=running;; *"|$3") s=gone;; "") s=gone;; *) s=foreign;; esac; '
+            'printf \'JLREMOTE-PROBE %s %s\\n\' "$1" "$s"; }'
+        )
     for srv in servers:
         session_dir_expr(srv.session_id)  # validates the id
-        lines.append(f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}")
+        if srv.job_id:
+            job = slurm.check_job_id(srv.job_id)
+            lines.append(f"probe_job {q(srv.session_id)} {job} {q(slurm.comment(srv.session_id))}")
+        else:
+            lines.append(f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}")
     return "\n".join(lines) + "\n"
+
+
+def parse_probe_jobs(stdout: str) -> dict[str, str]:
+    """Map session id to the squeue line probe_script printed for its job."""
+    result: dict[str, str] = {}
+    for line in stdout.splitlines():
+        if line.startswith("JLREMOTE-JOB "):
+            _, sid, rest = (line + " ").split(" ", 2)
+            result[sid] = rest.strip()
+    return result
 
 
 def parse_probe_output(stdout: str) -> dict[str, str]:
@@ -389,6 +426,8 @@ def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
     STATE one of stopped, killed, gone, foreign."""
     d = session_dir_expr(server.session_id)
     ticks = max(1, int(grace * 10))
+    if server.job_id:
+        return _stop_job_script(server, d, ticks)
     lines = [
         _IDENTITY_CHECK.rstrip("\n"),
         f"d={d}",
@@ -401,6 +440,30 @@ def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
         f'  while is_ours "$p" "$st" "$ar" && [ "$i" -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done',
         '  if is_ours "$p" "$st" "$ar"; then kill -KILL "$p"; state=killed; fi',
         "fi",
+        'rm -rf "$d"',
+        """printf 'JLREMOTE-STOP %s\\n' "$state\"""",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _stop_job_script(server: ServerIdentity, d: str, ticks: int) -> str:
+    """scancel our job (job id + our comment; Slurm sends TERM, then KILL after its
+    KillWait), wait for it to end, `scancel -s KILL` if it outlives the grace time."""
+    from jlremote import slurm
+
+    active = "|".join(slurm.ACTIVE_STATES)
+    lines = [
+        slurm.job_state_function().rstrip("\n"),
+        f"d={d}; j={slurm.check_job_id(server.job_id)}; c={q(slurm.comment(server.session_id))}",
+        'mine() { case "$(job_state "$j")" in *"|$c") return 0;; esac; return 1; }',
+        'live() { s=$(job_state "$j"); case "${s%%|*}" in ' + active + ") return 0;; esac; "
+        "return 1; }",
+        "state=gone",
+        "if mine && live; then",
+        '  scancel "$j"; state=stopped; i=0',
+        f'  while live && [ "$i" -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done',
+        '  if live; then scancel -s KILL "$j"; state=killed; fi',
+        "elif live; then state=foreign; fi",
         'rm -rf "$d"',
         """printf 'JLREMOTE-STOP %s\\n' "$state\"""",
     ]

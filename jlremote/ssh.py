@@ -86,11 +86,17 @@ def control_exit_argv(cfg: SshConfig, host: str) -> list[str]:
     return [*_base(cfg), "-o", f"ControlPath={control_path(cfg)}", "-O", "exit", "--", host]
 
 
-def forward_spec(local_port: int, remote_port: int, remote_socket: str = "") -> str:
-    """The -L argument: local loopback to the remote's loopback port or Unix socket."""
+def forward_spec(
+    local_port: int, remote_port: int, remote_socket: str = "", remote_host: str = ""
+) -> str:
+    """The -L argument: local loopback to the remote's loopback port or Unix socket, or to
+    REMOTE_HOST:REMOTE_PORT as the remote sees it (a compute node behind a login host)."""
     if remote_socket:
         return f"127.0.0.1:{local_port}:{remote_socket}"
-    return f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}"
+    target = remote_host or "127.0.0.1"
+    if ":" in target:  # an IPv6 address
+        target = f"[{target}]"
+    return f"127.0.0.1:{local_port}:{target}:{remote_port}"
 
 
 def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> list[str]:
@@ -115,12 +121,18 @@ def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> l
 
 
 def forward_argv(
-    cfg: SshConfig, host: str, path: str, local_port: int, remote_port: int, remote_socket: str = ""
+    cfg: SshConfig,
+    host: str,
+    path: str,
+    local_port: int,
+    remote_port: int,
+    remote_socket: str = "",
+    remote_host: str = "",
 ) -> list[str]:
     """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
+    spec = forward_spec(local_port, remote_port, remote_socket, remote_host)
     return [
-        *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward",
-        "-L", forward_spec(local_port, remote_port, remote_socket), "--", host,
+        *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward", "-L", spec, "--", host,
     ]  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from jlremote.paths import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: Slurm fields (job_id, node, address, remote_host)
 STATE_FILE = "sessions.json"
 
 
@@ -42,6 +42,11 @@ class RemoteServer:
     notebook: bool = False
     version: str = ""
     sock: str = ""  # the server's Unix socket on the remote (socket transport), else ""
+    # A server in a Slurm batch job: the job id, the compute node and the node's address
+    # that the tunnel reaches through the login host ("" for a server on HOST itself).
+    job_id: str = ""
+    node: str = ""
+    address: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Tunnel:
     # The tunnel's own ssh master; its control socket's path also identifies the process.
     control_path: str = ""
     remote_socket: str = ""  # forward to this remote Unix socket instead of remote_port
+    remote_host: str = ""  # forward to this address as seen from HOST ("": its 127.0.0.1)
 
 
 @dataclass(frozen=True)

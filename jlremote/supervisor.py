@@ -182,6 +182,7 @@ def run(name: str, wait: float) -> int:
                     t.remote_port,
                     logfile,
                     t.remote_socket,
+                    t.remote_host,
                 )
             except JlremoteError as exc:
                 log.info("attempt %d failed: %s", st.attempts, exc.message)

@@ -115,10 +115,13 @@ def add_forward(
     local_port: int,
     remote_port: int,
     remote_socket: str = "",
+    remote_host: str = "",
 ) -> Tunnel:
     """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to REMOTE."""
     done = proc.run(
-        ssh.forward_argv(cfg, host, master.control_path, local_port, remote_port, remote_socket),
+        ssh.forward_argv(
+            cfg, host, master.control_path, local_port, remote_port, remote_socket, remote_host
+        ),
         timeout=15,
         what="adding the forward",
     )
@@ -131,7 +134,11 @@ def add_forward(
             ExitCode.TUNNEL,
         )
     return replace(
-        master, local_port=local_port, remote_port=remote_port, remote_socket=remote_socket
+        master,
+        local_port=local_port,
+        remote_port=remote_port,
+        remote_socket=remote_socket,
+        remote_host=remote_host,
     )
 
 
@@ -143,11 +150,12 @@ def open_tunnel(
     remote_port: int,
     log_path: Path,
     remote_socket: str = "",
+    remote_host: str = "",
 ) -> Tunnel:
     """The tunnel's own connection plus its forward, in one go."""
     master = start_master(cfg, host, session_id, log_path)
     try:
-        return add_forward(cfg, host, master, local_port, remote_port, remote_socket)
+        return add_forward(cfg, host, master, local_port, remote_port, remote_socket, remote_host)
     except BaseException:
         close_tunnel(master)
         raise

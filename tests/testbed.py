@@ -265,7 +265,9 @@ class Testbed:
                 "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
                 f"AllowTcpForwarding yes\nAllowStreamLocalForwarding {streamlocal}\n"
                 f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user}\nLogLevel VERBOSE\n"
-                f"SetEnv PATH={path}\nMaxStartups 100\nMaxSessions 100\n"
+                # SLURM_CONF: the test cluster's (tests/slurmbed.py), if one is started.
+                f"SetEnv PATH={path} SLURM_CONF={w}/slurm/slurm.conf\n"
+                "MaxStartups 100\nMaxSessions 100\n"
                 # The work dir lives under /tmp (mode 1777), which StrictModes rejects.
                 "StrictModes no\n"
             )

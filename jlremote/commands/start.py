@@ -7,11 +7,13 @@ import json
 import logging
 import re
 import secrets
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jlremote import remote, scripts, ssh, supervisor, tunnel
+from jlremote import remote, scripts, slurm, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.results import StartResult
@@ -20,6 +22,19 @@ from jlremote.state import RemoteServer, Session, StateStore, Tunnel
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}$")
+
+# Seconds `start` waits by default: for the server to come up, and with --slurm also for
+# the job to leave the queue.
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_SLURM_TIMEOUT = 300.0
+# How often a queued or starting job is looked at (through the shared ssh connection).
+JOB_POLL_INTERVAL = 0.3
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_step: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -35,25 +50,35 @@ class StartOptions:
     env: str | None = None
     jupyter: str = "jupyter"
     allow_root: bool = False
-    timeout: float = 60.0
+    timeout: float | None = None  # None: DEFAULT_TIMEOUT (DEFAULT_SLURM_TIMEOUT with slurm)
     transport: str = "auto"  # auto | socket | tcp
     attach: bool = False  # only attach to a server of this name already on the remote
+    slurm: bool = False  # run the server in a Slurm batch job; HOST is the login host
+    sbatch: str = ""  # extra sbatch options (shell-like words)
+    # Told each step as it begins (a live line on a terminal); not a launch option.
+    progress: Progress = field(default=_quiet, compare=False)
+
+    @property
+    def wait(self) -> float:
+        if self.timeout is not None:
+            return self.timeout
+        return DEFAULT_SLURM_TIMEOUT if self.slurm else DEFAULT_TIMEOUT
 
 
 def launch_options(opts: StartOptions) -> str:
     """The options that shape a new server, as a canonical string."""
-    return json.dumps(
-        {
-            "notebook": opts.notebook,
-            "port": opts.port,
-            "dir": opts.directory,
-            "env": opts.env,
-            "jupyter": opts.jupyter,
-            "allow_root": opts.allow_root,
-            "transport": opts.transport,
-        },
-        sort_keys=True,
-    )
+    options: dict[str, object] = {
+        "notebook": opts.notebook,
+        "port": opts.port,
+        "dir": opts.directory,
+        "env": opts.env,
+        "jupyter": opts.jupyter,
+        "allow_root": opts.allow_root,
+        "transport": opts.transport,
+    }
+    if opts.slurm:  # absent otherwise, so that older records still compare equal
+        options.update(slurm=True, sbatch=opts.sbatch)
+    return json.dumps(options, sort_keys=True)
 
 
 def check_name(name: str) -> str:
@@ -80,6 +105,8 @@ def _result(session: Session, reused: bool, reopened: bool, attached: bool = Fal
         tunnel_reopened=reopened,
         transport="socket" if session.server.sock else "tcp",
         attached=attached,
+        job_id=session.server.job_id,
+        node=session.server.node,
     )
 
 
@@ -97,9 +124,23 @@ def start(opts: StartOptions) -> StartResult:
         )
     if opts.transport == "socket" and opts.port is not None:
         raise JlremoteError("--port makes no sense with --transport socket", ExitCode.USAGE)
-    cfg = ssh.SshConfig.from_environment(connect_timeout=int(min(10.0, max(1.0, opts.timeout))))
+    if opts.sbatch and not opts.slurm:
+        raise JlremoteError("--sbatch needs --slurm", ExitCode.USAGE)
+    if opts.slurm:
+        for given, what in (
+            (opts.port is not None, "--port (the job picks a free port on its node)"),
+            (opts.transport == "socket", "--transport socket (the node is another machine)"),
+            (opts.attach, "--attach"),
+        ):
+            if given:
+                raise JlremoteError(f"--slurm does not go with {what}", ExitCode.USAGE)
+        slurm.parse_sbatch_options(opts.sbatch)  # refuse bad options before connecting
+    if opts.wait <= 0:
+        raise JlremoteError("--timeout must be more than 0 seconds", ExitCode.USAGE)
+    opts = replace(opts, timeout=opts.wait)
+    cfg = ssh.SshConfig.from_environment(connect_timeout=int(min(10.0, max(1.0, opts.wait))))
     store = StateStore(state_dir())
-    with store.name_lock(name, timeout=opts.timeout + 60):
+    with store.name_lock(name, timeout=opts.wait + 60):
         existing = store.read().get(name)
         if existing is not None:
             if existing.host != host:
@@ -203,6 +244,7 @@ def _open_and_verify(
         session.server.port,
         logfile,
         session.server.sock,
+        session.server.address,
     )
     try:
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
@@ -236,6 +278,8 @@ def _fresh(
 ) -> StartResult:
     if opts.local_port is not None:
         tunnel.require_free_port(opts.local_port)
+    if opts.slurm:
+        return _fresh_slurm(cfg, store, name, host, opts)
     if opts.transport != "auto":
         return _fresh_with(cfg, store, name, host, opts, opts.transport)
     if opts.port is not None:  # a remote port was asked for: that is TCP
@@ -265,7 +309,7 @@ def _fresh_with(
         env=opts.env,
         jupyter=opts.jupyter,
         allow_root=opts.allow_root,
-        timeout=opts.timeout,
+        timeout=opts.wait,
         transport=transport,
         name=name,
         attach_only=opts.attach,
@@ -282,7 +326,7 @@ def _fresh_with(
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(
-                _master_and_helpers, cfg, host, spec.session_id, logfile, name, opts.timeout + 60
+                _master_and_helpers, cfg, host, spec.session_id, logfile, name, opts.wait + 60
             )
             try:
                 launched = remote.launch(cfg, host, spec, token)
@@ -319,7 +363,7 @@ def _fresh_with(
             supervisor_created=sup_created,
         )
         tunnel.wait_for_api(
-            local_port, found.base_url, token, timeout=min(opts.timeout, 30.0), log_path=logfile
+            local_port, found.base_url, token, timeout=min(opts.wait, 30.0), log_path=logfile
         )
         with store.transaction() as sessions:
             sessions[name] = session
@@ -338,3 +382,118 @@ def _fresh_with(
     return _result(
         session, reused=False, reopened=False, attached=launched.attached_token is not None
     )
+
+
+def _job_progress(job_id: str, job: slurm.JobState) -> str:
+    if job.state == "PENDING":
+        return f"job {job_id} queued" + (f" ({job.reason})" if job.reason else "")
+    if job.state == "RUNNING":
+        return f"job {job_id} running on {job.node}; waiting for the server"
+    return f"job {job_id} {job.state.lower() or 'submitted'}"
+
+
+def _fresh_slurm(
+    cfg: ssh.SshConfig, store: StateStore, name: str, host: str, opts: StartOptions
+) -> StartResult:
+    """Run the server in a batch job submitted on the login host HOST, wait for it (queue
+    and start-up both count against --timeout), forward to NODE:PORT through HOST."""
+    deadline = time.monotonic() + opts.wait
+    spec = scripts.LaunchSpec(
+        session_id=secrets.token_hex(8),
+        notebook=opts.notebook,
+        directory=opts.directory,
+        env=opts.env,
+        jupyter=opts.jupyter,
+        allow_root=opts.allow_root,
+        timeout=opts.wait,
+        name=name,
+    )
+    job = slurm.JobSpec(spec, slurm.parse_sbatch_options(opts.sbatch))
+    token = secrets.token_hex(24)
+    logfile = _tunnel_log(name)
+    job_id = ""
+    master: Tunnel | None = None
+    sup_pid: int | None = None
+    sup_created: float | None = None
+    try:
+        opts.progress(f"connecting to {host}")
+        remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
+        opts.progress("submitting the job")
+        job_id, session_dir = remote.submit(cfg, host, job, token)
+        log.info("submitted job %s on %s", job_id, host)
+        # While the job waits in the queue: the tunnel's own connection to the login host.
+        master, (sup_pid, sup_created) = _master_and_helpers(
+            cfg, host, spec.session_id, logfile, name, opts.wait + 60
+        )
+        while True:
+            looked = remote.poll_job(cfg, host, spec.session_id, job_id)
+            state = looked.poll.job
+            if looked.poll.info is not None and state.state == "RUNNING":
+                break
+            if not state.active:
+                raise remote.job_failure(job_id, state, looked.log_tail)
+            opts.progress(_job_progress(job_id, state))
+            if time.monotonic() >= deadline:
+                last = remote.cancel_job(cfg, host, spec.session_id, job_id)
+                job_id = ""  # cancelled: nothing left to clean up on the remote
+                if state.state == "PENDING":
+                    why = f" (reason: {state.reason})" if state.reason else ""
+                    msg = f"the job was still pending after {opts.wait:g}s{why}; cancelled it"
+                else:
+                    msg = (
+                        f"the server in the job did not start within {opts.wait:g}s "
+                        f"(job {state.state.lower()} on {state.node or '?'}); cancelled it"
+                    )
+                raise JlremoteError(msg, ExitCode.SERVER, detail=last.log_tail)
+            time.sleep(JOB_POLL_INTERVAL)
+        info = looked.poll.info
+        address = looked.poll.address or str(info.get("hostname") or "")
+        server = RemoteServer(
+            session_id=spec.session_id,
+            pid=int(str(info.get("pid", 0))),
+            started="",
+            cmdline="",
+            port=int(str(info["port"])),
+            base_url=str(info.get("base_url") or "/"),
+            session_dir=session_dir,
+            notebook=opts.notebook,
+            version=str(info.get("version", "")),
+            job_id=job_id,
+            node=looked.poll.node or state.node,
+            address=address,
+        )
+        opts.progress(f"forwarding to {server.node}:{server.port} through {host}")
+        local_port = opts.local_port or tunnel.pick_free_port()
+        master = tunnel.add_forward(cfg, host, master, local_port, server.port, "", address)
+        session = Session(
+            name=name,
+            host=host,
+            token=token,
+            server=server,
+            tunnel=master,
+            launch_options=launch_options(opts),
+            supervisor_pid=sup_pid,
+            supervisor_created=sup_created,
+        )
+        opts.progress("verifying")
+        tunnel.wait_for_api(
+            local_port,
+            server.base_url,
+            token,
+            timeout=max(5.0, min(30.0, deadline - time.monotonic())),
+            log_path=logfile,
+        )
+        with store.transaction() as sessions:
+            sessions[name] = session
+    except BaseException:
+        supervisor.stop_process(name, sup_pid, sup_created)
+        if master is not None:
+            tunnel.close_tunnel(master)
+        if job_id:
+            with contextlib.suppress(Exception):
+                remote.cancel_job(cfg, host, spec.session_id, job_id)
+        if not any(s.host == host for s in store.read().values()):
+            with contextlib.suppress(Exception):
+                remote.release(cfg, host)
+        raise
+    return _result(session, reused=False, reopened=False)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from jlremote import remote, ssh, supervisor, tunnel
+from jlremote import remote, slurm, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
 from jlremote.state import Session, StateStore
+
+Probed = tuple[dict[str, str], dict[str, slurm.JobState]]
 
 
 def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
@@ -24,16 +26,17 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         by_host.setdefault(s.host, []).append(s)
 
     answers: dict[str, dict[str, str]] = {}
+    jobs: dict[str, slurm.JobState] = {}
     errors: dict[str, str] = {}
     if by_host and not offline:
         cfg = ssh.SshConfig.from_environment()
 
-        def ask(host: str) -> tuple[str, dict[str, str] | None, str | None]:
+        def ask(host: str) -> tuple[str, Probed | None, str | None]:
             try:
                 servers = [s.server for s in by_host[host]]
                 return (
                     host,
-                    remote.probe(cfg, host, servers, timeout=cfg.connect_timeout + 10),
+                    remote.probe_jobs(cfg, host, servers, timeout=cfg.connect_timeout + 10),
                     None,
                 )
             except JlremoteError as exc:
@@ -42,7 +45,8 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         with ThreadPoolExecutor(max_workers=min(8, len(by_host))) as pool:
             for host, answer, error in pool.map(ask, sorted(by_host)):
                 if answer is not None:
-                    answers[host] = answer
+                    answers[host] = answer[0]
+                    jobs.update(answer[1])
                 if error is not None:
                     errors[host] = error
 
@@ -50,6 +54,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
     now = time.time()
     for s in sorted(sessions.values(), key=lambda s: s.name):
         probed = answers.get(s.host, {}).get(s.server.session_id)
+        job = jobs.get(s.server.session_id, slurm.JobState())
         server = "running" if probed == "running" else ("gone" if probed else "unknown")
         report = supervisor.read_status(s.name)
         activity = None
@@ -84,6 +89,10 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 tunnel_attempts=report.attempts if report and state != "up" else 0,
                 tunnel_error=report.last_error if report and state != "up" else None,
                 last_activity=activity,
+                job_id=s.server.job_id,
+                node=s.server.node,
+                job_state=job.state if s.server.job_id and probed else "",
+                time_left=job.time_left if job.state == "RUNNING" else "",
             )
         )
     return rows

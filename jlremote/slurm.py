@@ -1,0 +1,333 @@
+"""Pure builders of the scripts that run JupyterLab in a Slurm batch job, and parsers of
+what they print back.
+
+The flow: a submit script on the login host makes the private session directory, stores
+the token there (0600, read from stdin), writes the job script next to it and runs `sbatch`
+with the user's options as separate quoted words. The job script runs on the compute node:
+it reads the token from that file, serves on the node's cluster address on a port the
+kernel picks, and the server's own runtime file (in the session directory, on the shared
+home) tells the login host the port. A poll script, run as often as needed, reports the
+job's state and, once the server is up, that file.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+from jlremote import scripts
+from jlremote.errors import ExitCode, JlremoteError
+
+q = shlex.quote
+
+RC_NO_SBATCH = 87
+RC_SBATCH_FAILED = 88
+
+# Job states in which the job may still run (or soon will): anything else has ended.
+ACTIVE_STATES = (
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+)
+# Options jlremote sets itself: the user's --sbatch must not change them.
+_OWN_OPTIONS = ("--wrap", "--parsable", "--comment", "--output", "-o", "--error", "-e")
+
+
+def comment(session_id: str) -> str:
+    """The job's comment: with the job id it proves a job is this session's."""
+    return f"jlremote:{session_id}"
+
+
+def parse_sbatch_options(text: str) -> tuple[str, ...]:
+    """The user's `--sbatch` string as separate words (shell-like quoting allowed).
+
+    Options jlremote sets itself (and `--wrap`, which would replace the job script) are
+    refused, and so is anything that is not an option or an option's value.
+    """
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise JlremoteError(f"cannot parse --sbatch {text!r}: {exc}", ExitCode.USAGE) from None
+    for i, word in enumerate(words):
+        name = word.split("=", 1)[0]
+        if name in _OWN_OPTIONS or (len(name) > 2 and name[:2] in ("-o", "-e") and name[1] != "-"):
+            raise JlremoteError(
+                f"--sbatch may not set {name}: jlremote writes the job script and sets the "
+                "job's output file and comment itself",
+                ExitCode.USAGE,
+            )
+        if not word.startswith("-") and (i == 0 or not _takes_value(words[i - 1])):
+            raise JlremoteError(
+                f"--sbatch takes options only, not {word!r} (jlremote writes the job script)",
+                ExitCode.USAGE,
+            )
+    return tuple(words)
+
+
+def _takes_value(word: str) -> bool:
+    """Whether WORD is an option whose value is the next word (`-p gpu`, `--time 1:00`)."""
+    if not word.startswith("-") or "=" in word:
+        return False
+    if word.startswith("--"):
+        return word not in _FLAGS
+    return len(word) == 2 and word not in _SHORT_FLAGS
+
+
+# sbatch options that take no value (the others do).
+_FLAGS = frozenset(
+    {
+        "--exclusive",
+        "--hold",
+        "--ignore-pbs",
+        "--no-kill",
+        "--no-requeue",
+        "--overcommit",
+        "--quiet",
+        "--requeue",
+        "--spread-job",
+        "--test-only",
+        "--use-min-nodes",
+        "--verbose",
+        "--wait",
+        "--contiguous",
+        "--oversubscribe",
+        "--reboot",
+        "--get-user-env",
+        "--kill-on-invalid-dep",
+    }
+)
+_SHORT_FLAGS = frozenset({"-H", "-I", "-k", "-O", "-Q", "-s", "-v", "-W", "-h", "-V"})
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run in the job, and how to submit it."""
+
+    launch: scripts.LaunchSpec
+    sbatch: tuple[str, ...] = ()
+
+
+def job_script(spec: scripts.LaunchSpec) -> str:
+    """The batch script: runs on the compute node with the session directory as $1.
+
+    It holds no secret (admins and `scontrol` can read job scripts): the token is read from
+    the 0600 file the submit script left in the session directory.
+    """
+    argv = [spec.jupyter, spec.subcommand, "--no-browser"]
+    if spec.allow_root:
+        argv.append("--allow-root")
+    server = " ".join(q(a) for a in argv)
+    say = "printf 'jlremote: %s\\n' "
+    lines = [
+        "#!/bin/bash",
+        f"# jlremote: JupyterLab for session {spec.name} ({spec.session_id}).",
+        "umask 077",
+        'd=$1; cd "$HOME" || exit 1',
+        f"JUPYTER_TOKEN=$(cat \"$d/token\") || {{ {say}'no token in the session directory'; "
+        f"exit {scripts.RC_NO_TOKEN}; }}",
+        'export JUPYTER_TOKEN JUPYTER_RUNTIME_DIR="$d"',
+    ]
+    if spec.env:
+        lines.append(
+            "{\n" + spec.env + f"\n}} </dev/null || {{ {say}'the --env snippet failed in the job'; "
+            f"exit {scripts.RC_ENV_FAILED}; }}"
+        )
+    if spec.directory:
+        lines.append(
+            f"cd {scripts.remote_path_expr(spec.directory)} || "
+            f"{{ {say}{q(f'remote directory not found: {spec.directory}')}; "
+            f"exit {scripts.RC_NO_DIR}; }}"
+        )
+    lines += [
+        f"command -v {q(spec.jupyter)} >/dev/null 2>&1 || "
+        f"{{ {say}{q(f'{spec.jupyter!r} not found on the compute node')}; "
+        f"exit {scripts.RC_NOT_FOUND}; }}",
+        # The address of this node that the rest of the cluster uses (the login host too).
+        "node=${SLURMD_NODENAME:-$(hostname -s)}",
+        'addr=$(scontrol show node "$node" 2>/dev/null '
+        "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
+        '[ -n "$addr" ] || addr=$(hostname)',
+        """printf '%s %s\\n' "$node" "$addr" > "$d/node\"""",
+        # exec: the server is the job's own process, so scancel signals it directly.
+        f'exec {server} --ip="$addr" --port=0',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit_script(job: JobSpec) -> str:
+    """Make the session directory, store the token (from stdin), write the job script and
+    submit it. Prints `JLREMOTE-JOB <id>`; on a refusal, sbatch's own words on stderr."""
+    spec = job.launch
+    d = scripts.session_dir_expr(spec.session_id)
+    say = "printf 'jlremote: %s\\n' "
+    fail = 'rm -rf "$d"; exit'
+    sbatch = [
+        "sbatch",
+        f"--job-name=jlremote-{spec.name}",
+        *job.sbatch,
+        "--parsable",
+        f"--comment={comment(spec.session_id)}",
+    ]
+    lines = [
+        "umask 077",
+        f"d={d}",
+        f'mkdir -p {scripts.SESSIONS_ROOT} && chmod 700 "$HOME"/.jlremote '
+        f'{scripts.SESSIONS_ROOT} && mkdir "$d" '
+        f"|| {{ {say}'cannot create the session directory' >&2; exit {scripts.RC_SESSION_DIR}; }}",
+        f"IFS= read -r t || {{ {say}'no token on stdin' >&2; {fail} {scripts.RC_NO_TOKEN}; }}",
+        """printf '%s\\n' "$t" > "$d/token"; t=""",
+        f"printf '%s\\n' {q(spec.name)} > \"$d/name\"",
+        f"printf '%s\\n' {spec.subcommand} > \"$d/kind\"",
+        f"printf '%s' {q(job_script(spec))} > \"$d/job.sh\"",
+        "command -v sbatch >/dev/null 2>&1 || "
+        f"{{ {say}'sbatch not found on the remote (is it a Slurm login node?)' >&2; "
+        f"{fail} {RC_NO_SBATCH}; }}",
+        f'out=$({" ".join(q(a) for a in sbatch)} --output="$d"/server.log '
+        '"$d"/job.sh "$d" 2>"$d/sbatch.err")',
+        f"if [ $? -ne 0 ]; then {say}'sbatch refused the job' >&2; cat \"$d/sbatch.err\" >&2; "
+        f"{fail} {RC_SBATCH_FAILED}; fi",
+        "job=${out%%;*}",
+        """printf '%s\\n' "$job" > "$d/job.id\"""",
+        """printf 'JLREMOTE-JOB %s\\n' "$job\"""",
+        """printf 'JLREMOTE-DIR %s\\n' "$d\"""",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+_SQUEUE_FORMAT = "%T|%r|%N|%L|%k"
+
+
+def job_state_function() -> str:
+    """Shell function `job_state JOB`: one line `STATE|REASON|NODES|TIMELEFT|COMMENT`,
+    empty once Slurm has forgotten the job."""
+    return (
+        'job_state() { squeue -h -t all -j "$1" '
+        f"-o {q(_SQUEUE_FORMAT)} 2>/dev/null | head -n 1; }}\n"
+    )
+
+
+def poll_script(session_id: str, job_id: str) -> str:
+    """The job's state (`JLREMOTE-JOBSTATE` line) and, once the server has written its
+    runtime file, the node (`JLREMOTE-NODE NAME ADDR`) and that file. When the job has
+    ended, the last lines of its log go to stderr."""
+    d = scripts.session_dir_expr(session_id)
+    lines = [
+        job_state_function().rstrip("\n"),
+        f"d={d}; j={q(check_job_id(job_id))}",
+        's=$(job_state "$j")',
+        """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\"""",
+        "f=",
+        'for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
+        '  if [ -f "$c" ] && grep -q "^}" "$c"; then f=$c; break; fi',
+        "done",
+        'if [ -n "$f" ] && [ -f "$d/node" ]; then',
+        """  printf 'JLREMOTE-NODE %s\\n' "$(cat "$d/node")\"""",
+        '  echo JLREMOTE-INFO; cat "$f"; echo; echo JLREMOTE-END',
+        "fi",
+        'case "${s%%|*}" in ' + "|".join(ACTIVE_STATES) + ") ;;",
+        f'  *) tail -n {scripts.LOG_TAIL_LINES} "$d/server.log" >&2 2>/dev/null;;',
+        "esac",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def cancel_script(session_id: str, job_id: str) -> str:
+    """scancel the job if it is still this session's (job id plus our comment), then
+    report its last state and the tail of its log (stderr). Keeps the session directory
+    (the caller removes it through stop_script, or wants the log first)."""
+    d = scripts.session_dir_expr(session_id)
+    lines = [
+        job_state_function().rstrip("\n"),
+        f"d={d}; j={q(check_job_id(job_id))}",
+        's=$(job_state "$j")',
+        """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\"""",
+        f'case "$s" in *"|{comment(session_id)}") scancel "$j";; esac',
+        f'tail -n {scripts.LOG_TAIL_LINES} "$d/server.log" >&2 2>/dev/null',
+        'rm -rf "$d"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id goes into scripts unquoted-safe only if it is all digits."""
+    if not job_id.isdigit():
+        raise ValueError(f"bad job id {job_id!r}")
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobState:
+    """One line of squeue about our job; `state` is "" once Slurm has forgotten it."""
+
+    state: str = ""
+    reason: str = ""
+    node: str = ""
+    time_left: str = ""
+    comment: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def parse_job_state(line: str) -> JobState:
+    """`RUNNING|None|node1|3:59:58|jlremote:abc` as a JobState (blank: forgotten)."""
+    parts = line.strip().split("|")
+    if len(parts) < 5 or not parts[0]:
+        return JobState()
+    state, reason, node, left, note = parts[:5]
+    return JobState(
+        state=state.split()[0],
+        reason="" if reason in ("None", "(null)") else reason,
+        node=node,
+        time_left=left,
+        comment="" if note == "(null)" else note,
+    )
+
+
+@dataclass(frozen=True)
+class JobPoll:
+    """What one poll learned: the job's state, and the server once it is up."""
+
+    job: JobState
+    node: str = ""
+    address: str = ""
+    info: dict[str, object] | None = None
+
+
+def parse_poll_output(stdout: str) -> JobPoll:
+    job = JobState()
+    node = address = ""
+    info: list[str] = []
+    in_info = False
+    got_info = False
+    for line in stdout.splitlines():
+        if in_info:
+            if line == "JLREMOTE-END":
+                in_info = False
+            else:
+                info.append(line)
+        elif line == "JLREMOTE-INFO":
+            in_info = got_info = True
+        elif line.startswith("JLREMOTE-JOBSTATE"):
+            job = parse_job_state(line.partition(" ")[2])
+        elif line.startswith("JLREMOTE-NODE "):
+            words = line.split()
+            node, address = [*words, "", ""][1:3]
+    data: dict[str, object] | None = None
+    if got_info:
+        try:
+            loaded = json.loads("\n".join(info))
+            data = loaded if isinstance(loaded, dict) else None
+        except ValueError:
+            data = None  # still being written: the next poll will see it
+    return JobPoll(job, node, address, data)
