@@ -22,21 +22,28 @@ help:
 	@echo "make demo       a throwaway local 'remote' (sshd + JupyterLab) and a real start"
 	@echo "make demo-down  stop the demo session and tear the sandbox down"
 
-# Debian packages the end-to-end tests use (installed only when missing, only as root).
+# Debian packages the end-to-end tests use (installed only when missing, only as root):
+# OpenSSH and iproute2 for the namespace remote, Slurm and munge for the --slurm tests.
 system-deps:
-	@missing=""; \
+	@missing=""; optional=""; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
 	command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing="$$missing iproute2"; \
 	command -v ps >/dev/null 2>&1 || missing="$$missing procps"; \
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
-	if [ -n "$$missing" ]; then \
-	  if [ -n "$(ROOT)" ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing:$$missing"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
-	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; }; \
-	  else echo "missing:$$missing (install them, or run as root on Debian)"; exit 1; fi; \
+	[ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 \
+	  || optional="$$optional slurm-wlm"; \
+	[ -x /usr/sbin/munged ] || optional="$$optional munge"; \
+	if [ -n "$$missing$$optional" ] && [ -n "$(ROOT)" ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing:$$missing$$optional"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing $$optional \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -q --no-install-recommends $$missing $$optional; } || exit 1; \
+	elif [ -n "$$missing" ]; then \
+	  echo "missing:$$missing (install them, or run as root on Debian)"; exit 1; \
+	elif [ -n "$$optional" ]; then \
+	  echo "note:$$optional not installed: the --slurm tests will be skipped (they need root)"; \
 	fi
 
 $(BIN)/.installed: pyproject.toml

@@ -33,7 +33,7 @@ def available() -> str | None:
     """Why a cluster cannot be made here (None when it can)."""
     if os.geteuid() != 0:
         return "a Slurm test cluster needs root (munged and slurmd)"
-    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+    missing = [d for d in DAEMONS if not (shutil.which(d) or Path(f"/usr/sbin/{d}").exists())]
     if missing:
         return f"not installed: {' '.join(missing)} (make test installs slurm-wlm and munge)"
     return None

@@ -1,0 +1,167 @@
+"""`start --slurm` end to end: the real CLI, the namespace remote as the login host, and a
+real one-node Slurm cluster (tests/slurmbed.py) whose node is reachable from the login
+host only by its own address."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Jl, api, http_get, token_of
+from tests.slurmbed import NODE, Cluster, available
+from tests.test_e2e import assert_nothing_left, assert_one_error_line, jupyter_pids
+from tests.testbed import ALIAS, Testbed, wait_until
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(available() is not None, reason=str(available())),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(testbed: Testbed) -> Iterator[Cluster]:
+    c = Cluster.create(testbed)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def sjl(jl: Jl, cluster: Cluster) -> Iterator[Jl]:
+    """The CLI runner; afterwards no job of the test user may be left in the queue."""
+    yield jl
+    jl("stop", "--all", "--forget", "--grace", "3")
+    left = cluster.jobs()
+    if left:
+        cluster.run("scancel", "-u", cluster.user)
+    assert not left, f"jobs left in the queue: {left}"
+
+
+def session_dirs(bed: Testbed) -> list[Path]:
+    root = Path(bed.home) / ".jlremote" / "sessions"
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+def test_start_status_stop_in_a_job(sjl: Jl, testbed: Testbed, cluster: Cluster) -> None:
+    project = Path(testbed.home) / "project"
+    project.mkdir(exist_ok=True)
+    (project / "data.csv").write_text("x\n")
+    r = sjl(
+        "start", ALIAS, "--slurm", "--sbatch", "-t 04:00:00 -J jlr-test",
+        "--dir", "project", "--env", 'echo "$SLURM_JOB_ID" > "$HOME/env-ran"',
+    )  # fmt: skip
+    assert r.rc == 0, r.stderr
+    url, token = r.url, token_of(r.url)
+    assert r.stdout.strip() == url  # stdout carries only the URL
+    assert http_get(api(url, "api/status"), token)[0] == 200
+    status, body = http_get(api(url, "api/contents"), token)
+    assert status == 200 and "data.csv" in [e["name"] for e in json.loads(body)["content"]]
+
+    record = sjl.sessions()[ALIAS]
+    job_id = record["server"]["job_id"]
+    assert job_id and record["server"]["node"] == NODE
+    # The tunnel goes to the node's own address through the login host, not to the login
+    # host's loopback (where nothing listens: the job runs on the other side of the veth).
+    assert record["tunnel"]["remote_host"] == cluster.address
+    assert (Path(testbed.home) / "env-ran").read_text().strip() == job_id  # --env ran in it
+    assert cluster.jobs() == [
+        {"id": job_id, "state": "RUNNING", "reason": "None", "node": NODE, "name": "jlr-test"}
+    ]
+
+    rows = sjl("status", "--json").json()
+    assert [(x["job_id"], x["node"], x["job_state"], x["server"]) for x in rows] == [
+        (job_id, NODE, "RUNNING", "running")
+    ]
+    assert rows[0]["time_left"].startswith(("3:59:", "4:00:00"))
+    text = sjl("status").stdout
+    assert all(word in text for word in ("JOB", "NODE", job_id, "RUNNING", "3:59:"))
+
+    # The token is in no process's argv and not in the job script Slurm keeps.
+    for p in psutil.process_iter(["cmdline"]):
+        assert token not in " ".join(p.info["cmdline"] or []), p.info["cmdline"]
+    script = cluster.run("scontrol", "write", "batch_script", job_id, "-").stdout
+    assert "jupyter" in script and token not in script
+    shown = cluster.run("scontrol", "show", "job", "-dd", job_id).stdout
+    assert token not in shown
+
+    again = sjl("start", ALIAS, "--slurm", "--sbatch", "-t 04:00:00 -J jlr-test", "--json")
+    assert again.rc == 0 and again.json()["reused"] and again.json()["url"] == url
+    assert len(cluster.jobs()) == 1
+
+    pids = jupyter_pids(testbed)
+    assert len(pids) == 1
+    stop = sjl("stop", ALIAS)
+    assert stop.rc == 0 and stop.stdout == "", stop.stderr
+    assert cluster.jobs() == []
+    assert cluster.job_state(job_id) in ("CANCELLED", "FORGOTTEN")
+    wait_until(lambda: not jupyter_pids(testbed), 15, "the job's server to exit")
+    assert session_dirs(testbed) == []
+    assert_nothing_left(testbed, sjl)
+
+
+def test_a_job_cancelled_from_outside_shows_as_gone(
+    sjl: Jl, testbed: Testbed, cluster: Cluster
+) -> None:
+    r = sjl("start", ALIAS, "--slurm", "--name", "hpc")
+    assert r.rc == 0, r.stderr
+    record = sjl.sessions()["hpc"]
+    job_id = record["server"]["job_id"]
+    # The supervisor heals a killed tunnel to the node, on the same local port.
+    os.kill(record["tunnel"]["pid"], signal.SIGKILL)
+    status_url = api(r.url, "api/status")
+    wait_until(
+        lambda: http_get(status_url, token_of(r.url), timeout=2)[0] == 200,
+        30,
+        "the healed tunnel to answer",
+        interval=0.2,
+    )
+    assert cluster.run("scancel", job_id).returncode == 0
+
+    def gone() -> list[dict[str, str]] | None:
+        rows = sjl("status", "--json").json()
+        return rows if rows[0]["server"] == "gone" else None
+
+    rows = wait_until(gone, 30, "status to say the job's server is gone", interval=0.2)
+    assert rows[0]["job_state"] in ("CANCELLED", "COMPLETING", "")
+    stop = sjl("stop", "hpc")
+    assert stop.rc == 0, stop.stderr
+    assert sjl.sessions() == {} and session_dirs(testbed) == []
+    wait_until(lambda: not jupyter_pids(testbed), 15, "the job's server to exit")
+
+
+def test_sbatch_refusal_is_clear_and_queues_nothing(
+    sjl: Jl, testbed: Testbed, cluster: Cluster
+) -> None:
+    r = sjl("start", ALIAS, "--slurm", "--sbatch", "-p nosuch")
+    assert r.rc == 6, r.stderr
+    assert_one_error_line(r.stderr, "sbatch refused the job", "Invalid partition")
+    assert cluster.jobs() == []
+    assert session_dirs(testbed) == []
+    assert_nothing_left(testbed, sjl)
+
+
+def test_pending_job_is_cancelled_at_timeout(sjl: Jl, testbed: Testbed, cluster: Cluster) -> None:
+    r = sjl("start", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--timeout", "10")
+    assert r.rc == 7, r.stderr
+    assert_one_error_line(r.stderr, "pending after 10s", "PartitionDown", "cancelled")
+    assert cluster.jobs() == []
+    assert session_dirs(testbed) == []
+    assert_nothing_left(testbed, sjl)
+
+
+def test_job_errors_name_the_cause(sjl: Jl, testbed: Testbed, cluster: Cluster) -> None:
+    r = sjl("start", ALIAS, "--slurm", "--jupyter", "no-such-jupyter")
+    assert r.rc == 6, r.stderr
+    assert_one_error_line(r.stderr, "'no-such-jupyter' not found on the compute node")
+    r = sjl("start", ALIAS, "--slurm", "--sbatch", "run.sh")
+    assert r.rc == 2
+    assert_one_error_line(r.stderr, "--sbatch takes options only")
+    assert cluster.jobs() == []
+    assert_nothing_left(testbed, sjl)
