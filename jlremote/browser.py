@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import webbrowser
+from pathlib import Path
 
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
@@ -20,7 +21,7 @@ def redirect_page(url: str) -> str:
     )
 
 
-def open_url(name: str, url: str) -> None:
+def open_url(name: str, url: str) -> Path:
     """Write a 0600 redirect page and hand its file:// address (no token) to the browser."""
     pages = ensure_private_dir(state_dir() / "open")
     page = pages / f"{name}.html"
@@ -28,4 +29,7 @@ def open_url(name: str, url: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(redirect_page(url))
     if not webbrowser.open(page.as_uri()):
-        raise JlremoteError(f"no browser could be started; open {url} yourself", ExitCode.ERROR)
+        raise JlremoteError(
+            f"no browser could be started (set BROWSER); the page is {page}", ExitCode.ERROR
+        )
+    return page

@@ -29,7 +29,8 @@ app = typer.Typer(
     epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect, "
     "5 authentication or host key, 6 remote environment (jupyter, --dir, --env), "
     "7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed, "
-    "130 interrupted. Environment: JLREMOTE_STATE_DIR, JLREMOTE_SSH, JLREMOTE_SSH_CONFIG.",
+    "130 interrupted. Environment: JLREMOTE_CONFIG, JLREMOTE_STATE_DIR, JLREMOTE_SSH, "
+    "JLREMOTE_SSH_CONFIG.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -186,6 +187,14 @@ def _main(
     _setup_logging(verbose)
 
 
+def _profile(host: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options for HOST: the command line's, else config.toml's, else the defaults."""
+    from jlremote import config
+
+    conf = _guarded(config.load)
+    return conf.effective(host, given)  # type: ignore[no-any-return]
+
+
 def _want_browser(open_flag: bool | None) -> bool:
     if open_flag is not None:
         return open_flag
@@ -201,15 +210,18 @@ def start(
     host: Annotated[
         str,
         typer.Argument(
-            help="Anything ssh accepts: an alias from ~/.ssh/config, host, or user@host."
+            help="Anything ssh accepts: an alias from ~/.ssh/config, host, or user@host.",
+            autocompletion=_complete_hosts,
+            show_default=False,
         ),
     ],
     name: Annotated[
         str | None, typer.Option("--name", "-n", help="Session name (default: HOST).")
     ] = None,
     notebook: Annotated[
-        bool, typer.Option("--notebook", help="Run classic Jupyter Notebook, not Lab.")
-    ] = False,
+        bool | None,
+        typer.Option("--notebook/--lab", help="Run classic Jupyter Notebook, or JupyterLab."),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(
@@ -243,14 +255,16 @@ def start(
         ),
     ] = None,
     jupyter: Annotated[
-        str, typer.Option("--jupyter", help="The jupyter executable on the remote.")
-    ] = "jupyter",
+        str | None,
+        typer.Option("--jupyter", help="The jupyter executable on the remote [default: jupyter]."),
+    ] = None,
     allow_root: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--allow-root", help="Pass --allow-root to Jupyter (it refuses root otherwise)."
+            "--allow-root/--no-allow-root",
+            help="Pass --allow-root to Jupyter (it refuses root otherwise).",
         ),
-    ] = False,
+    ] = None,
     open_browser: Annotated[
         bool | None,
         typer.Option(
@@ -269,14 +283,15 @@ def start(
         ),
     ] = None,
     transport: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--transport",
             help="How the server listens on the remote: `socket` (a 0600 Unix socket in the "
             "private session directory: no remote port, no other user can connect), `tcp` "
-            "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work).",
+            "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work) "
+            "[default: auto].",
         ),
-    ] = "auto",
+    ] = None,
     attach: Annotated[
         bool,
         typer.Option(
@@ -286,21 +301,21 @@ def start(
         ),
     ] = False,
     use_slurm: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--slurm",
+            "--slurm/--no-slurm",
             help="Run the server in a Slurm batch job on a compute node; HOST is the login "
             "host, and the tunnel goes through it to the node.",
         ),
-    ] = False,
+    ] = None,
     sbatch: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--sbatch",
             help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
             "(each passed to sbatch as its own argument).",
         ),
-    ] = "",
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")
     ] = False,
@@ -318,6 +333,21 @@ def start(
     from jlremote.commands.start import StartOptions
     from jlremote.commands.start import start as do_start
 
+    given = {
+        "notebook": notebook,
+        "port": port,
+        "local_port": local_port,
+        "dir": directory,
+        "env": env,
+        "jupyter": jupyter,
+        "allow_root": allow_root,
+        "open": open_browser,
+        "timeout": timeout,
+        "transport": transport,
+        "slurm": use_slurm,
+        "sbatch": sbatch,
+    }
+    conf = _profile(host, given)
     line = _ProgressLine(enabled=not quiet and not verbose and sys.stderr.isatty())
     try:
         result = _guarded(
@@ -325,24 +355,24 @@ def start(
             StartOptions(
                 host=host,
                 name=name,
-                notebook=notebook,
-                port=port,
-                local_port=local_port,
-                directory=directory,
-                env=env,
-                jupyter=jupyter,
-                allow_root=allow_root,
-                timeout=timeout,
-                transport=transport,
+                notebook=conf["notebook"],
+                port=conf["port"],
+                local_port=conf["local_port"],
+                directory=conf["dir"],
+                env=conf["env"],
+                jupyter=conf["jupyter"],
+                allow_root=conf["allow_root"],
+                timeout=conf["timeout"],
+                transport=conf["transport"],
                 attach=attach,
-                slurm=use_slurm,
-                sbatch=sbatch,
+                slurm=conf["slurm"],
+                sbatch=conf["sbatch"],
                 progress=line.step,
             ),
         )
     finally:
         line.close()
-    if _want_browser(open_browser):
+    if _want_browser(conf["open"]):
         from jlremote.browser import open_url
 
         _guarded(open_url, result.name, result.url)
@@ -354,7 +384,12 @@ def start(
 
 @app.command()
 def status(
-    name: Annotated[str | None, typer.Argument(help="Only this session.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="Only this session.", autocompletion=_complete_sessions, show_default=False
+        ),
+    ] = None,
     remote_host: Annotated[
         str | None,
         typer.Option(
@@ -440,7 +475,12 @@ def status(
 @app.command()
 def stop(
     name: Annotated[
-        str | None, typer.Argument(help="The session to stop (optional when there is only one).")
+        str | None,
+        typer.Argument(
+            help="The session to stop (optional when there is only one).",
+            autocompletion=_complete_sessions,
+            show_default=False,
+        ),
     ] = None,
     all_sessions: Annotated[bool, typer.Option("--all", help="Stop every session.")] = False,
     forget: Annotated[
@@ -467,6 +507,181 @@ def stop(
         _print_json([r.to_json() for r in outcome.results])
     if outcome.failure is not None:
         raise _fail(outcome.failure)
+
+
+def _complete_sessions(incomplete: str) -> list[str]:
+    """Session names from the state file (for shell completion; never fails)."""
+    try:
+        from jlremote.paths import state_dir
+        from jlremote.state import StateStore
+
+        return sorted(n for n in StateStore(state_dir()).read() if n.startswith(incomplete))
+    except Exception:
+        return []
+
+
+def _complete_hosts(incomplete: str) -> list[str]:
+    """Host aliases from the ssh configuration and config.toml (for shell completion)."""
+    try:
+        from jlremote import config, ssh
+
+        names = set(ssh.config_hosts())
+        names.update(h for h in config.load().hosts if not any(c in h for c in "*?["))
+        return sorted(n for n in names if n.startswith(incomplete))
+    except Exception:
+        return []
+
+
+SessionName = Annotated[
+    str | None,
+    typer.Argument(
+        help="The session (optional when there is only one).",
+        autocompletion=_complete_sessions,
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def logs(
+    name: SessionName = None,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", help="How many of the last lines.", min=0)
+    ] = 50,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C.")
+    ] = False,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show the remote server's log (Jupyter's own output; with --slurm, the job's)."""
+    _setup_logging(verbose)
+    from jlremote.commands import logs as logs_cmd
+
+    if follow:
+        if as_json:
+            raise _fail(JlremoteError("--follow and --json do not go together", ExitCode.USAGE))
+        rc = _guarded(logs_cmd.follow, name, lines)
+        raise typer.Exit(rc)
+    result = _guarded(logs_cmd.logs, name, lines)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        for line in result.lines:
+            typer.echo(line)
+
+
+@app.command("open")
+def open_(
+    name: SessionName = None,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Open the session in your browser (`BROWSER` is honoured). The browser is given a
+    private local page that redirects to the URL, so the token is in no process's argv."""
+    _setup_logging(verbose)
+    from jlremote.commands.logs import open_session
+
+    result = _guarded(open_session, name)
+    if as_json:
+        _print_json(result.to_json())
+
+
+@app.command()
+def doctor(
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="The host to check, as you would give it to `start`.",
+            autocompletion=_complete_hosts,
+            show_default=False,
+        ),
+    ],
+    env: Annotated[
+        str | None,
+        typer.Option("--env", "-e", help="Shell snippet before jupyter (default: the profile's)."),
+    ] = None,
+    jupyter: Annotated[
+        str | None,
+        typer.Option("--jupyter", help="The jupyter executable (default: the profile's)."),
+    ] = None,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Check everything `start HOST` needs and say what to do about each problem: local
+    ssh, the host's configuration, connecting and authenticating without a prompt, the
+    remote shell, jupyter and its versions, TCP and Unix-socket forwarding, free space,
+    sessions already running. Exits non-zero when something `start` needs fails."""
+    _setup_logging(verbose)
+    from jlremote.commands.doctor import DoctorOptions
+    from jlremote.commands.doctor import doctor as do_doctor
+
+    conf = _profile(host, {"env": env, "jupyter": jupyter})
+    result = _guarded(do_doctor, DoctorOptions(host=host, env=conf["env"], jupyter=conf["jupyter"]))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+        width = max(len(c.name) for c in result.checks)
+        for c in result.checks:
+            typer.echo(f"{marks[c.status]}  {c.name.ljust(width)}  {c.detail}")
+            if c.fix and c.status in ("fail", "warn"):
+                typer.echo(f"{' ' * (width + 8)}fix: {c.fix}")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+config_app = typer.Typer(
+    help="Profiles: remembered `start` options per host, in config.toml.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    host: Annotated[
+        str | None,
+        typer.Argument(
+            help="Show what `start HOST` would use (default: the global settings).",
+            autocompletion=_complete_hosts,
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Print every setting's effective value and where it comes from (the file and its
+    table, or `default`)."""
+    from jlremote import config
+
+    conf = _guarded(config.load)
+    settings = conf.settings(host)
+    if as_json:
+        _print_json(
+            {
+                "path": str(conf.path),
+                "exists": conf.exists,
+                "host": host,
+                "settings": {s.key: {"value": s.value, "source": s.source} for s in settings},
+            }
+        )
+        return
+    _print_table(
+        ("KEY", "VALUE", "SOURCE"),
+        [(s.key, json.dumps(s.value), s.source) for s in settings],
+    )
+
+
+@config_app.command("path")
+def config_path(as_json: Json = False) -> None:
+    """Print the path of config.toml (JLREMOTE_CONFIG, else the user config directory)."""
+    from jlremote import config
+
+    path = config.config_path()
+    if as_json:
+        _print_json({"path": str(path), "exists": path.exists()})
+    else:
+        typer.echo(str(path))
 
 
 def main() -> None:

@@ -151,8 +151,11 @@ def load(path: Path | None = None) -> Config:
 def _check(path: Path, text: str, host: str | None, key: str, value: Any) -> Any:
     spec = KEYS.get(key)
     if spec is None:
-        known = ", ".join(KEYS)
-        _bad(path, text, host, key, f"unknown key (known keys: {known})")
+        import difflib
+
+        close = difflib.get_close_matches(key, KEYS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        _bad(path, text, host, key, f"unknown key ({hint}known keys: {', '.join(KEYS)})")
         raise AssertionError  # unreachable: _bad raises
     if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

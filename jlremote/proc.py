@@ -93,3 +93,27 @@ def spawn_detached(argv: list[str], log_path: Path) -> int:
             close_fds=True,
         )
     return child.pid
+
+
+def stream(argv: list[str]) -> int:
+    """Run `argv` with its output going straight to ours (for `logs -f`), until it ends or
+    the user presses Ctrl-C; returns its exit code (130 after Ctrl-C). Its stdin is a pipe
+    held open until then: closing it tells the far end that we are gone."""
+    log.debug("stream: %s", shlex.join(argv))
+    try:
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+    except FileNotFoundError:
+        raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return 130
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()

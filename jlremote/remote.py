@@ -12,7 +12,7 @@ from jlremote.state import RemoteServer
 log = logging.getLogger(__name__)
 
 
-def _ssh_script(
+def run_script(
     cfg: ssh.SshConfig,
     host: str,
     script: str,
@@ -30,7 +30,7 @@ def _ssh_script(
 def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
     """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
     for a password or 2FA, before anything runs in parallel."""
-    _ssh_script(cfg, host, "true", timeout=timeout, what=f"connecting to {host}")
+    run_script(cfg, host, "true", timeout=timeout, what=f"connecting to {host}")
 
 
 def release(cfg: ssh.SshConfig, host: str) -> None:
@@ -39,7 +39,7 @@ def release(cfg: ssh.SshConfig, host: str) -> None:
         proc.run(ssh.control_exit_argv(cfg, host), timeout=10, what="ssh -O exit")
 
 
-def _remote_message(stderr: str, fallback: str) -> tuple[str, str]:
+def remote_message(stderr: str, fallback: str) -> tuple[str, str]:
     """Our script's own `jlremote: ...` line (the message) and what followed it (detail)."""
     lines = stderr.strip().splitlines()
     for i, line in enumerate(lines):
@@ -60,7 +60,7 @@ class Launched:
 def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
     """Start the server on `host` (or find the live one of that name); the token goes over
     stdin, never into an argv."""
-    done = _ssh_script(
+    done = run_script(
         cfg,
         host,
         scripts.launch_script(spec),
@@ -70,7 +70,7 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
     )
     rc = done.returncode
     if rc != 0:
-        msg, detail = _remote_message(done.stderr, f"the remote start-up failed (exit {rc})")
+        msg, detail = remote_message(done.stderr, f"the remote start-up failed (exit {rc})")
         if rc == scripts.RC_NOT_FOUND:
             raise JlremoteError(
                 f"{msg} (put it on PATH with --env 'source ~/venv/bin/activate', or give "
@@ -130,9 +130,9 @@ def server_of(report: scripts.LaunchReport) -> RemoteServer:
 def list_sessions(cfg: ssh.SshConfig, host: str, timeout: float) -> list[scripts.LaunchReport]:
     """Every live jlremote server of this user on HOST, from any client (dead entries are
     removed on the way)."""
-    done = _ssh_script(cfg, host, scripts.list_script(), timeout=timeout, what=f"listing {host}")
+    done = run_script(cfg, host, scripts.list_script(), timeout=timeout, what=f"listing {host}")
     if done.returncode != 0:
-        msg, _ = _remote_message(done.stderr, f"listing {host} failed (exit {done.returncode})")
+        msg, _ = remote_message(done.stderr, f"listing {host} failed (exit {done.returncode})")
         raise JlremoteError(msg, ExitCode.CONNECT)
     return scripts.parse_list_output(done.stdout)
 
@@ -159,12 +159,12 @@ def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: f
     """Stop exactly this server and remove its session directory; returns what happened:
     `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""
     script = scripts.stop_script(server, grace=grace)
-    done = _ssh_script(
+    done = run_script(
         cfg, host, script, timeout=grace + cfg.connect_timeout + 15, what=f"stopping on {host}"
     )
     state = scripts.parse_stop_output(done.stdout)
     if done.returncode != 0 or state is None:
-        msg, _ = _remote_message(done.stderr, f"stopping on {host} failed (exit {done.returncode})")
+        msg, _ = remote_message(done.stderr, f"stopping on {host} failed (exit {done.returncode})")
         raise JlremoteError(msg, ExitCode.ERROR)
     return state
 
@@ -175,7 +175,7 @@ def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: f
 def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tuple[str, str]:
     """Submit the session's job on the login host HOST; returns the job id and the session
     directory. The token goes over stdin into a 0600 file in the session directory."""
-    done = _ssh_script(
+    done = run_script(
         cfg,
         host,
         slurm.submit_script(job),
@@ -194,7 +194,7 @@ def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tup
             f"sbatch refused the job: {why}", ExitCode.REMOTE_ENV, detail="\n".join(said[:-1])
         )
     if rc != 0:
-        msg, detail = _remote_message(done.stderr, f"submitting the job failed (exit {rc})")
+        msg, detail = remote_message(done.stderr, f"submitting the job failed (exit {rc})")
         raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
     reported: dict[str, str] = {}
     for line in done.stdout.splitlines():
@@ -218,7 +218,7 @@ class JobPoll:
 
 
 def poll_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
-    done = _ssh_script(
+    done = run_script(
         cfg,
         host,
         slurm.poll_script(session_id, job_id),
@@ -231,7 +231,7 @@ def poll_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> Job
 def cancel_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
     """scancel the job (if still ours) and remove its session directory; returns its last
     state and the tail of its log."""
-    done = _ssh_script(
+    done = run_script(
         cfg,
         host,
         slurm.cancel_script(session_id, job_id),
@@ -246,9 +246,9 @@ def probe_jobs(
 ) -> tuple[dict[str, str], dict[str, slurm.JobState]]:
     """probe(), plus what Slurm says about the jobs of job servers."""
     script = scripts.probe_script([identity(s) for s in servers])
-    done = _ssh_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
+    done = run_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
     if done.returncode != 0:
-        msg, _ = _remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
+        msg, _ = remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
         raise JlremoteError(msg, ExitCode.CONNECT)
     jobs = {
         sid: slurm.parse_job_state(line)
@@ -260,7 +260,7 @@ def probe_jobs(
 def job_failure(job_id: str, state: slurm.JobState, log_tail: str) -> JlremoteError:
     """The error for a job that ended before its server was up, from its log's tail."""
     ended = state.state.lower() if state.state else "ended"
-    msg, detail = _remote_message(log_tail, f"job {job_id} {ended} before the server started")
+    msg, detail = remote_message(log_tail, f"job {job_id} {ended} before the server started")
     if msg.endswith("not found on the compute node"):
         return JlremoteError(
             f"job {job_id}: {msg} (put it on PATH with --env 'source ~/venv/bin/activate' or "

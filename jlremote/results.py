@@ -85,3 +85,59 @@ class StopResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of `doctor`: what was checked, how it went, and what to do about it."""
+
+    name: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+    fix: str = ""
+    required: bool = True  # `start` cannot work while this fails
+    seconds: float | None = None  # how long it took, where that matters (connecting)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DoctorResult:
+    """All checks for one host; exit_code is that of the first failed required check."""
+
+    host: str
+    checks: list[Check]
+    exit_code: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "ok": self.exit_code == 0,
+            "exit_code": self.exit_code,
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+@dataclass(frozen=True)
+class LogResult:
+    """The last lines of a session's server log."""
+
+    name: str
+    host: str
+    lines: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    """What `open` handed to the browser: a private local page that redirects to url."""
+
+    name: str
+    url: str
+    page: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

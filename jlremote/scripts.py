@@ -476,3 +476,145 @@ def parse_stop_output(stdout: str) -> str | None:
         if line.startswith("JLREMOTE-STOP "):
             return line.split(" ", 1)[1]
     return None
+
+
+# ---- doctor and logs -------------------------------------------------------------------
+
+
+def doctor_script(env: str | None, jupyter: str) -> str:
+    """What `doctor` asks the remote, in one go: the shell, the OS, `jupyter` after the
+    profile's --env snippet and its package versions, free space in the home, and the
+    jlremote sessions running there (JLREMOTE-ENTRY blocks, as list_script)."""
+    lines = [
+        """printf 'JLREMOTE-SHELL %s\\n' "${SHELL:-unknown}\"""",
+        """printf 'JLREMOTE-OS %s\\n' "$(uname -sr 2>/dev/null)\"""",
+        """printf 'JLREMOTE-DF %s\\n' "$(df -Pk "$HOME" 2>/dev/null | awk 'NR==2 {print $4}')\"""",
+        _IDENTITY_CHECK.rstrip("\n"),
+        _REGISTRY.rstrip("\n"),
+        "scan ''",
+    ]
+    if env:
+        lines.append("{\n" + env + "\n} </dev/null >/dev/null 2>&1 || echo JLREMOTE-ENV-FAILED")
+    lines += [
+        f"p=$(command -v {q(jupyter)} 2>/dev/null)",
+        """printf 'JLREMOTE-JUPYTER %s\\n' "$p\"""",
+        'if [ -n "$p" ]; then',
+        f"  {q(jupyter)} --version 2>/dev/null | sed -n 's/^\\([a-z_]*\\) *: *\\(.*\\)$/"
+        "JLREMOTE-V \\1 \\2/p'",
+        "fi",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """What doctor_script printed."""
+
+    shell: str = ""
+    os: str = ""
+    free_kb: int | None = None
+    env_failed: bool = False
+    jupyter: str = ""
+    versions: dict[str, str] | None = None
+    sessions: tuple[str, ...] = ()
+
+
+def parse_doctor_output(stdout: str) -> DoctorReport:
+    fields: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    for line in stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "JLREMOTE-V":
+            package, _, version = value.partition(" ")
+            versions[package] = version.strip()
+        elif key.startswith("JLREMOTE-"):
+            fields.setdefault(key, value.strip())
+    free = fields.get("JLREMOTE-DF", "")
+    names = tuple(entry.name for entry in parse_list_output(stdout))
+    return DoctorReport(
+        shell=fields.get("JLREMOTE-SHELL", ""),
+        os=fields.get("JLREMOTE-OS", ""),
+        free_kb=int(free) if free.isdigit() else None,
+        env_failed="JLREMOTE-ENV-FAILED" in stdout.split(),
+        jupyter=fields.get("JLREMOTE-JUPYTER", ""),
+        versions=versions,
+        sessions=names,
+    )
+
+
+# A listener on a Unix socket and on 127.0.0.1 (any port) that greets one client each,
+# so that the local side can test both kinds of forwarding for real; gone in 15 s.
+_GREETER = """import os, select, shutil, socket, sys
+d = sys.argv[1]
+u = socket.socket(socket.AF_UNIX); u.bind(d + "/s"); u.listen(1)
+t = socket.socket(); t.bind(("127.0.0.1", 0)); t.listen(1)
+with open(d + "/port.tmp", "w") as f: f.write(str(t.getsockname()[1]))
+os.rename(d + "/port.tmp", d + "/port")
+left = [u, t]
+try:
+    while left:
+        ready = select.select(left, [], [], 15)[0]
+        if not ready: break
+        for s in ready:
+            c = s.accept()[0]; c.sendall(b"jlremote-ok\\n"); c.close(); left.remove(s)
+finally:
+    shutil.rmtree(d, ignore_errors=True)
+"""
+GREETING = b"jlremote-ok\n"
+
+
+def forward_probe_script(probe_id: str, env: str | None) -> str:
+    """Start _GREETER (with the remote's python3, after --env) in a private directory and
+    print `JLREMOTE-FWD PORT SOCKET`, or `JLREMOTE-FWD -` when there is no python3."""
+    d = f'"$HOME"/.jlremote/doctor-{q(probe_id)}'
+    if not _SESSION_ID.match(probe_id):
+        raise ValueError(f"bad probe id {probe_id!r}")
+    lines = ["umask 077"]
+    if env:
+        lines.append("{\n" + env + "\n} </dev/null >/dev/null 2>&1")
+    lines += [
+        "py=$(command -v python3 || command -v python) || { echo 'JLREMOTE-FWD -'; exit 0; }",
+        f'd={d}; mkdir -p "$HOME"/.jlremote && chmod 700 "$HOME"/.jlremote && mkdir "$d" || exit 1',
+        f'setsid nohup "$py" -c {q(_GREETER)} "$d" </dev/null >/dev/null 2>&1 &',
+        """printf '%s\\n' "$!" > "$d/pid\"""",
+        'i=0; while [ ! -s "$d/port" ] && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i+1)); done',
+        """printf 'JLREMOTE-FWD %s %s\\n' "$(cat "$d/port" 2>/dev/null || echo -)" "$d/s\"""",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def log_script(session_id: str, lines: int, follow: bool) -> str:
+    """The last LINES lines of a session's server log. With FOLLOW, new lines too, until
+    the session directory goes (the session was stopped) or the client does: the local
+    side holds ssh's stdin open, so its end is the remote's EOF (no stray `tail` stays)."""
+    d = session_dir_expr(session_id)
+    out = [
+        f"d={d}",
+        '[ -f "$d/server.log" ] || { echo '
+        "'jlremote: the server log is gone (the session has ended)' >&2; "
+        f"exit {RC_NO_ENTRY}; }}",
+    ]
+    if not follow:
+        return "\n".join([*out, f'exec tail -n {lines:d} "$d/server.log"']) + "\n"
+    out += [
+        f'tail -n {lines:d} -F "$d/server.log" 2>/dev/null & t=$!',
+        '( cat >/dev/null; kill "$t" 2>/dev/null ) & w=$!',
+        'while kill -0 "$t" 2>/dev/null && [ -d "$d" ]; do sleep 1; done',
+        'kill "$t" "$w" 2>/dev/null',
+        "exit 0",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def forward_probe_cleanup(probe_id: str) -> str:
+    """Stop the greeter of forward_probe_script if it still waits (a forward that did not
+    work never reached it): only the process whose command line names its directory."""
+    if not _SESSION_ID.match(probe_id):
+        raise ValueError(f"bad probe id {probe_id!r}")
+    d = f'"$HOME"/.jlremote/doctor-{probe_id}'
+    return (
+        f"d={d}\n"
+        'p=$(cat "$d/pid" 2>/dev/null)\n'
+        'if [ -n "$p" ]; then case "$(ps -ww -o args= -p "$p")" in *"$d"*) kill "$p";; esac; fi\n'
+        'rm -rf "$d"\n'
+    )

@@ -136,6 +136,29 @@ def forward_argv(
     ]  # fmt: skip
 
 
+def version_argv(cfg: SshConfig) -> list[str]:
+    """`ssh -V`: the client's version (printed on stderr)."""
+    return [cfg.binary, "-V"]
+
+
+def resolve_argv(cfg: SshConfig, host: str) -> list[str]:
+    """`ssh -G HOST`: the configuration ssh would use for HOST, after ~/.ssh/config."""
+    return [*_base(cfg), "-G", "--", host]
+
+
+def probe_connect_argv(cfg: SshConfig, host: str) -> list[str]:
+    """A fresh connection that may not prompt (BatchMode) and shares nothing, so that it
+    really tests reaching and authenticating to HOST, and how long that takes."""
+    return [
+        *_base(cfg), "-T",
+        "-o", "BatchMode=yes",
+        "-o", "ControlMaster=no",
+        "-o", "ControlPath=none",
+        "-o", f"ConnectTimeout={cfg.connect_timeout}",
+        "--", host, "true",
+    ]  # fmt: skip
+
+
 def check_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
     """`ssh -O check`: prints `Master running (pid=N)` when the master at PATH is up."""
     return [*_base(cfg), "-o", f"ControlPath={path}", "-O", "check", "--", host]
@@ -173,3 +196,36 @@ def explain_failure(host: str, stderr: str) -> JlremoteError:
     last = [line for line in stderr.strip().splitlines() if line.strip()]
     tail = f": {last[-1].strip()}" if last else ""
     return JlremoteError(f"ssh to {host} failed{tail}", ExitCode.CONNECT)
+
+
+def config_hosts(paths: list[str] | None = None) -> list[str]:
+    """Host aliases (no patterns) named in the ssh configuration: $JLREMOTE_SSH_CONFIG or
+    ~/.ssh/config, following Include. For completion only: ssh itself resolves hosts."""
+    import glob
+
+    home_ssh = os.path.expanduser("~/.ssh")
+    todo = paths or [os.environ.get("JLREMOTE_SSH_CONFIG") or os.path.join(home_ssh, "config")]
+    seen: set[str] = set()
+    names: list[str] = []
+    while todo:
+        path = os.path.expanduser(todo.pop(0))
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.strip().replace("=", " ", 1).split()
+            if len(words) < 2:
+                continue
+            key = words[0].lower()
+            if key == "host":
+                names += [w for w in words[1:] if not any(c in w for c in "*?!")]
+            elif key == "include":
+                for pattern in words[1:]:
+                    full = os.path.join(home_ssh, os.path.expanduser(pattern))
+                    todo += sorted(glob.glob(full))
+    return list(dict.fromkeys(names))

@@ -126,6 +126,21 @@ class StateStore:
                 data = self._load(move_aside=True)
         return data or {}
 
+    def pick(self, name: str | None) -> Session:
+        """The session NAME, or the only one when NAME is None."""
+        sessions = self.read()
+        if name is not None:
+            if name not in sessions:
+                raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
+            return sessions[name]
+        if len(sessions) == 1:
+            return next(iter(sessions.values()))
+        if not sessions:
+            raise JlremoteError("no sessions", ExitCode.NO_SESSION)
+        raise JlremoteError(
+            f"which session? give a NAME ({', '.join(sorted(sessions))})", ExitCode.USAGE
+        )
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[dict[str, Session]]:
         """Yield the sessions for changing in place; written back atomically on exit."""

@@ -182,6 +182,7 @@ def _reuse(
             session = _supervise(store, session)
         return _result(session, reused=True, reopened=False)
     # We re-open the tunnel ourselves, now: its supervisor (if any) steps aside.
+    opts.progress(f"re-opening the tunnel to {session.host}")
     supervisor.stop(session)
     tunnel.close_tunnel(session.tunnel)
     local_port = session.tunnel.local_port
@@ -323,7 +324,9 @@ def _fresh_with(
     try:
         # Authenticate once (this may prompt), then overlap: the server starts through the
         # shared connection while the tunnel's own connection is being made.
+        opts.progress(f"connecting to {host}")
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
+        opts.progress(f"launching {spec.subcommand} on {host}, waiting for the server")
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(
                 _master_and_helpers, cfg, host, spec.session_id, logfile, name, opts.wait + 60
@@ -338,6 +341,7 @@ def _fresh_with(
         if master is None:
             raise pending.exception() or AssertionError("no tunnel master")
         local_port = opts.local_port or tunnel.pick_free_port()
+        opts.progress(f"forwarding 127.0.0.1:{local_port}")
         if launched.attached_token is not None:
             # Another client's server: not ours to stop if attaching fails here, and the
             # tunnel's master must be named after that session.
@@ -362,6 +366,7 @@ def _fresh_with(
             supervisor_pid=sup_pid,
             supervisor_created=sup_created,
         )
+        opts.progress("verifying the URL")
         tunnel.wait_for_api(
             local_port, found.base_url, token, timeout=min(opts.wait, 30.0), log_path=logfile
         )

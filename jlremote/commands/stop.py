@@ -29,22 +29,17 @@ def stop(
     """Stop NAME (or every session with `all_sessions`). With `forget`, a remote that
     cannot be reached does not keep the record."""
     store = StateStore(state_dir())
-    sessions = store.read()
     if all_sessions:
-        names = sorted(sessions)
-    elif name is not None:
-        if name not in sessions:
-            raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
-        names = [name]
-    elif len(sessions) == 1:
-        names = list(sessions)
-    elif not sessions:
-        raise JlremoteError("no sessions to stop", ExitCode.NO_SESSION)
+        names = sorted(store.read())
     else:
-        raise JlremoteError(
-            f"which session? give a NAME ({', '.join(sorted(sessions))}) or --all",
-            ExitCode.USAGE,
-        )
+        try:
+            names = [store.pick(name).name]
+        except JlremoteError as exc:
+            if exc.code == ExitCode.USAGE:  # several sessions: --all is an answer too
+                raise JlremoteError(f"{exc.message} or --all", exc.code) from None
+            if name is None:
+                raise JlremoteError("no sessions to stop", exc.code) from None
+            raise
     cfg = ssh.SshConfig.from_environment()
     results = []
     failure: JlremoteError | None = None

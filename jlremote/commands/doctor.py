@@ -1,0 +1,303 @@
+"""`jlremote doctor HOST`: check everything `start` needs, say what to do about each failure."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jlremote import proc, scripts, ssh, tunnel
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import ensure_private_dir, state_dir
+from jlremote.remote import release, run_script
+from jlremote.results import Check, DoctorResult
+
+log = logging.getLogger(__name__)
+
+LOW_SPACE_KB = 1024 * 1024  # below 1 GB free in the remote home: a warning
+
+# Records a check; a failed required check's exit code becomes doctor's (the first one).
+_Add = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class DoctorOptions:
+    host: str
+    env: str | None = None
+    jupyter: str = "jupyter"
+    timeout: float = 10.0
+
+
+def _connect_fix(host: str, failure: JlremoteError) -> str:
+    if failure.code == ExitCode.AUTH and "host key" in failure.message:
+        return (
+            f"check the host's key with its admin, then `ssh-keygen -R {host}` and "
+            f"`ssh {host} true` to accept the right one"
+        )
+    if failure.code == ExitCode.AUTH:
+        return (
+            f"set up a key (`ssh-copy-id {host}`, or `ssh-add` for your agent) until "
+            f"`ssh {host} true` needs no password: the tunnel's keeper cannot type one"
+        )
+    return (
+        f"check the name, address and port in ~/.ssh/config and that sshd runs there "
+        f"(`ssh -v {host} true` shows where it stops)"
+    )
+
+
+def doctor(opts: DoctorOptions) -> DoctorResult:
+    host = ssh.check_host(opts.host)
+    checks: list[Check] = []
+    failed: list[ExitCode] = []
+
+    def add(check: Check, code: ExitCode = ExitCode.ERROR) -> None:
+        checks.append(check)
+        if check.status == "fail" and check.required:
+            failed.append(code)
+
+    def result() -> DoctorResult:
+        return DoctorResult(host, checks, int(failed[0]) if failed else 0)
+
+    # 1. The local ssh.
+    try:
+        cfg = ssh.SshConfig.from_environment(connect_timeout=int(max(1.0, opts.timeout)))
+    except JlremoteError as exc:
+        add(Check("ssh", "fail", exc.message, "install OpenSSH's client"), exc.code)
+        return result()
+    version = proc.run(ssh.version_argv(cfg), timeout=10, what="ssh -V")
+    said = (version.stderr or version.stdout).strip().splitlines()
+    add(Check("ssh", "ok", f"{said[0] if said else 'unknown version'} ({cfg.binary})"))
+
+    # 2. What ssh makes of HOST (no network: `ssh -G`).
+    resolved = proc.run(ssh.resolve_argv(cfg, host), timeout=10, what="ssh -G")
+    if resolved.returncode != 0:
+        last = resolved.stderr.strip().splitlines()
+        add(
+            Check(
+                "resolve",
+                "fail",
+                last[-1] if last else f"ssh -G {host} failed",
+                "fix the error in your ssh configuration",
+            ),
+            ExitCode.CONNECT,
+        )
+        return result()
+    conf: dict[str, str] = {}
+    for line in resolved.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        conf.setdefault(key, value)
+    where = f"{conf.get('user', '?')}@{conf.get('hostname', host)} port {conf.get('port', '22')}"
+    jump = conf.get("proxyjump", "none")
+    if jump and jump != "none":
+        where += f" via {jump}"
+    add(Check("resolve", "ok", where))
+
+    # 3. A fresh, non-interactive connection.
+    t0 = time.monotonic()
+    connected = proc.run(
+        ssh.probe_connect_argv(cfg, host), timeout=cfg.connect_timeout + 15, what="connecting"
+    )
+    took = round(time.monotonic() - t0, 3)
+    if connected.returncode != 0:
+        why = ssh.explain_failure(host, connected.stderr)
+        add(Check("connect", "fail", why.message, _connect_fix(host, why), seconds=took), why.code)
+        return result()
+    add(Check("connect", "ok", f"authenticated without a prompt in {took:.2f}s", seconds=took))
+
+    try:
+        _remote_checks(cfg, host, opts, add)
+        _forward_checks(cfg, host, opts, add)
+    finally:
+        with contextlib.suppress(JlremoteError):
+            release(cfg, host)
+    return result()
+
+
+def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> None:
+    done = run_script(
+        cfg,
+        host,
+        scripts.doctor_script(opts.env, opts.jupyter),
+        timeout=cfg.connect_timeout + 30,
+        what=f"checking {host}",
+    )
+    report = scripts.parse_doctor_output(done.stdout)
+    shell = report.shell.rsplit("/", 1)[-1]
+    if shell in ("csh", "tcsh", "fish"):
+        add(
+            Check(
+                "shell",
+                "warn",
+                f"{report.shell} on {report.os}: not a POSIX shell; jlremote is tested with "
+                "bash, dash and sh",
+                "if start fails, set a POSIX login shell (chsh -s /bin/bash)",
+                required=False,
+            )
+        )
+    else:
+        add(Check("shell", "ok", f"{report.shell} on {report.os or 'unknown OS'}"))
+
+    hint = (
+        f"give the environment with --env (e.g. --env 'source ~/venv/bin/activate' or "
+        f"'module load python'), or --jupyter /path/to/jupyter; or put `env = ...` in "
+        f"config.toml under [hosts.{host}]"
+    )
+    if report.env_failed:
+        add(
+            Check("jupyter", "fail", f"the env snippet failed on the remote: {opts.env}", hint),
+            ExitCode.REMOTE_ENV,
+        )
+    elif not report.jupyter:
+        add(
+            Check("jupyter", "fail", f"'{opts.jupyter}' not found on the remote", hint),
+            ExitCode.REMOTE_ENV,
+        )
+    else:
+        versions = report.versions or {}
+        shown = ", ".join(
+            f"{p} {versions[p]}"
+            for p in ("jupyter_server", "jupyterlab", "notebook")
+            if p in versions
+        )
+        if "jupyterlab" not in versions and "notebook" not in versions:
+            add(
+                Check(
+                    "jupyter",
+                    "fail",
+                    f"{report.jupyter}: neither jupyterlab nor notebook is installed"
+                    + (f" ({shown})" if shown else ""),
+                    "pip install jupyterlab in that environment",
+                ),
+                ExitCode.REMOTE_ENV,
+            )
+        else:
+            add(Check("jupyter", "ok", f"{report.jupyter}: {shown}"))
+
+    if report.free_kb is None:
+        add(Check("disk", "skip", "could not read free space in the remote home", required=False))
+    elif report.free_kb < LOW_SPACE_KB:
+        add(
+            Check(
+                "disk",
+                "warn",
+                f"only {report.free_kb / 1024:.0f} MB free in the remote home",
+                "free some space: Jupyter writes its runtime files and logs there",
+                required=False,
+            )
+        )
+    else:
+        add(Check("disk", "ok", f"{report.free_kb / 1024 / 1024:.1f} GB free in the remote home"))
+
+    running = ", ".join(report.sessions)
+    add(
+        Check(
+            "sessions",
+            "ok",
+            f"{len(report.sessions)} running: {running}" if report.sessions else "none running",
+            required=False,
+        )
+    )
+
+
+def _greeted(port: int) -> bool:
+    """Does a connection to 127.0.0.1:PORT (our forward) reach the remote greeter?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.settimeout(5)
+            data = b""
+            while len(data) < len(scripts.GREETING):
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            return data == scripts.GREETING
+    except OSError:
+        return False
+
+
+def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> None:
+    probe_id = secrets.token_hex(8)
+    done = run_script(
+        cfg,
+        host,
+        scripts.forward_probe_script(probe_id, opts.env),
+        timeout=cfg.connect_timeout + 30,
+        what="starting the forwarding test",
+    )
+    words = next(
+        (ln.split() for ln in done.stdout.splitlines() if ln.startswith("JLREMOTE-FWD ")), []
+    )
+    if len(words) < 3 or not words[1].isdigit():
+        for name in ("tcp-forward", "socket-forward"):
+            add(
+                Check(
+                    name,
+                    "skip",
+                    "no python3 on the remote to test it with",
+                    required=False,
+                )
+            )
+        return
+    remote_port, remote_sock = int(words[1]), words[2]
+    logfile = ensure_private_dir(state_dir() / "logs") / f"doctor-{probe_id}.log"
+    master = None
+    try:
+        master = tunnel.start_master(cfg, host, probe_id, logfile)
+        tcp_port = tunnel.pick_free_port()
+        master = tunnel.add_forward(cfg, host, master, tcp_port, remote_port)
+        tcp_ok = _greeted(tcp_port)
+        sock_port = tunnel.pick_free_port()
+        sock_ok = False
+        with contextlib.suppress(JlremoteError):
+            tunnel.add_forward(cfg, host, master, sock_port, 0, remote_sock)
+            sock_ok = _greeted(sock_port)
+    except JlremoteError as exc:
+        add(Check("tcp-forward", "fail", exc.message, "see `ssh -v`"), exc.code)
+        return
+    finally:
+        if master is not None:
+            tunnel.close_tunnel(master)
+        with contextlib.suppress(JlremoteError):
+            run_script(
+                cfg, host, scripts.forward_probe_cleanup(probe_id), timeout=20, what="cleaning up"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            logfile.unlink()
+    if tcp_ok:
+        add(Check("tcp-forward", "ok", "the remote sshd forwards TCP to its 127.0.0.1"))
+    else:
+        add(
+            Check(
+                "tcp-forward",
+                "fail",
+                "the remote sshd refuses TCP forwarding",
+                "ask its admin for `AllowTcpForwarding yes` (or local) in sshd_config",
+                required=not sock_ok,
+            ),
+            ExitCode.TUNNEL,
+        )
+    if sock_ok:
+        add(
+            Check(
+                "socket-forward",
+                "ok",
+                "the remote sshd forwards to Unix sockets (the private transport works)",
+                required=False,
+            )
+        )
+    else:
+        add(
+            Check(
+                "socket-forward",
+                "warn",
+                "the remote sshd refuses Unix-socket forwarding; start falls back to TCP on "
+                "the remote's 127.0.0.1",
+                "for the private transport: `AllowStreamLocalForwarding yes` in sshd_config",
+                required=not tcp_ok,
+            ),
+            ExitCode.TUNNEL,
+        )

@@ -1,0 +1,56 @@
+"""`jlremote logs` (the remote server's log) and `jlremote open` (the browser)."""
+
+from __future__ import annotations
+
+from jlremote import proc, remote, scripts, ssh
+from jlremote.errors import ExitCode, JlremoteError
+from jlremote.paths import state_dir
+from jlremote.results import LogResult, OpenResult
+from jlremote.state import StateStore
+
+
+def logs(name: str | None, lines: int = 50) -> LogResult:
+    """The last LINES lines of the session's server log (one ssh call)."""
+    if lines < 0:
+        raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
+    session = StateStore(state_dir()).pick(name)
+    cfg = ssh.SshConfig.from_environment()
+    done = remote.run_script(
+        cfg,
+        session.host,
+        scripts.log_script(session.server.session_id, lines, follow=False),
+        timeout=cfg.connect_timeout + 30,
+        what=f"reading the log on {session.host}",
+    )
+    if done.returncode != 0:
+        msg, _ = remote.remote_message(done.stderr, f"reading the log failed ({done.returncode})")
+        code = ExitCode.NO_SESSION if done.returncode == scripts.RC_NO_ENTRY else ExitCode.ERROR
+        raise JlremoteError(f"{session.name}: {msg}", code)
+    return LogResult(session.name, session.host, done.stdout.splitlines())
+
+
+def follow(name: str | None, lines: int = 50) -> int:
+    """Print the log and then its new lines as they come, until Ctrl-C (exit 130) or the
+    session's end (exit 0)."""
+    if lines < 0:
+        raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
+    session = StateStore(state_dir()).pick(name)
+    cfg = ssh.SshConfig.from_environment()
+    script = scripts.log_script(session.server.session_id, lines, follow=True)
+    rc = proc.stream(ssh.command_argv(cfg, session.host, scripts.wrap(script)))
+    if rc == scripts.RC_NO_ENTRY:
+        raise JlremoteError(
+            f"{session.name}: the server log is gone (the session has ended)", ExitCode.NO_SESSION
+        )
+    if rc == 255:
+        raise JlremoteError(f"lost the connection to {session.host}", ExitCode.CONNECT)
+    return rc
+
+
+def open_session(name: str | None) -> OpenResult:
+    """Hand the session's URL to the browser through a private redirect page."""
+    from jlremote.browser import open_url
+
+    session = StateStore(state_dir()).pick(name)
+    page = open_url(session.name, session.url)
+    return OpenResult(session.name, session.url, str(page))
