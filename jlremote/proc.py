@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,15 @@ def stream(argv: list[str]) -> int:
     the user presses Ctrl-C; returns its exit code (130 after Ctrl-C). Its stdin is a pipe
     held open until then: closing it tells the far end that we are gone."""
     log.debug("stream: %s", shlex.join(argv))
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # `kill` ends it as cleanly as Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE)
     except FileNotFoundError:
+        signal.signal(signal.SIGTERM, previous)
         raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
     try:
         return child.wait()
@@ -115,5 +122,6 @@ def stream(argv: list[str]) -> int:
             child.wait()
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if child.stdin is not None:
             child.stdin.close()

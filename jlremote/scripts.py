@@ -598,7 +598,10 @@ def log_script(session_id: str, lines: int, follow: bool) -> str:
         return "\n".join([*out, f'exec tail -n {lines:d} "$d/server.log"']) + "\n"
     out += [
         f'tail -n {lines:d} -F "$d/server.log" 2>/dev/null & t=$!',
-        '( cat >/dev/null; kill "$t" 2>/dev/null ) & w=$!',
+        # A background job's stdin is /dev/null unless redirected: give it ours (fd 3).
+        "exec 3<&0",
+        '( cat <&3 >/dev/null; kill "$t" 2>/dev/null ) & w=$!',
+        "exec 3<&-",
         'while kill -0 "$t" 2>/dev/null && [ -d "$d" ]; do sleep 1; done',
         'kill "$t" "$w" 2>/dev/null',
         "exit 0",
