@@ -11,11 +11,12 @@ REMOTE_PYTHON ?= $(if $(wildcard /usr/bin/python3),/usr/bin/python3,$(PYTHON))
 DEMO_DIR ?= $(CURDIR)/.demo
 export JLREMOTE_TEST_REMOTE_VENV := $(REMOTE_VENV)
 
-.PHONY: help system-deps dev testbed-venv lint unit test bench recovery demo demo-down clean
+.PHONY: help system-deps dev testbed-venv lint docs unit test bench recovery demo demo-down clean
 
 help:
 	@echo "make test       install what the tests need, lint, run the whole suite"
 	@echo "make lint       ruff + mypy --strict on the package"
+	@echo "make docs       build the documentation site into .site/ (mkdocs --strict)"
 	@echo "make unit       only the fast tests (no sshd needed)"
 	@echo "make bench      time jlremote against its baselines (prints a table)"
 	@echo "make recovery   how fast a URL works again after real faults (about 4 min)"
@@ -49,7 +50,7 @@ system-deps:
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,docs]'
 	touch $@
 
 dev: $(BIN)/.installed
@@ -68,7 +69,15 @@ lint: dev
 unit: dev
 	$(BIN)/python -m pytest -q -m 'not e2e'
 
-test: system-deps dev testbed-venv lint
+# The documentation site: the CLI reference is generated from the typer app, then
+# `mkdocs build --strict` (a broken link or a page missing from the nav fails it).
+docs: dev
+	$(BIN)/typer jlremote.cli utils docs --name jlremote --title "CLI reference" \
+	  --output docs/pages/reference.md
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -f docs/mkdocs.yml
+	@echo "docs built in .site/ (open .site/index.html)"
+
+test: system-deps dev testbed-venv lint docs
 	$(BIN)/python -m pytest -q
 
 bench: system-deps dev testbed-venv
@@ -96,4 +105,4 @@ demo-down: dev
 	@echo "demo sandbox removed"
 
 clean:
-	rm -rf $(VENV) .venv-remote .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-remote .pytest_cache .mypy_cache .ruff_cache *.egg-info .site docs/pages/reference.md
