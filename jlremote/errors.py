@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes; documented in README.md and docs/errors.md."""
+    """Process exit codes; documented in README.md and docs/pages/troubleshooting.md."""
 
     OK = 0
     ERROR = 1  # anything not listed below
