@@ -218,26 +218,20 @@ class JobPoll:
 
 
 def poll_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
-    done = run_script(
-        cfg,
-        host,
-        slurm.poll_script(session_id, job_id),
-        timeout=cfg.connect_timeout + 15,
-        what=f"asking {host} about job {job_id}",
-    )
-    return JobPoll(slurm.parse_poll_output(done.stdout), done.stderr.strip())
+    """The job's state, and its server's runtime facts once it is up."""
+    script = slurm.poll_script(session_id, job_id)
+    return _job_script(cfg, host, script, f"asking {host} about job {job_id}")
 
 
 def cancel_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
     """scancel the job (if still ours) and remove its session directory; returns its last
     state and the tail of its log."""
-    done = run_script(
-        cfg,
-        host,
-        slurm.cancel_script(session_id, job_id),
-        timeout=cfg.connect_timeout + 15,
-        what=f"cancelling job {job_id} on {host}",
-    )
+    script = slurm.cancel_script(session_id, job_id)
+    return _job_script(cfg, host, script, f"cancelling job {job_id} on {host}")
+
+
+def _job_script(cfg: ssh.SshConfig, host: str, script: str, what: str) -> JobPoll:
+    done = run_script(cfg, host, script, timeout=cfg.connect_timeout + 15, what=what)
     return JobPoll(slurm.parse_poll_output(done.stdout), done.stderr.strip())
 
 

@@ -247,20 +247,32 @@ def parse_list_output(stdout: str) -> list[LaunchReport]:
     return [parse_launch_output("\n".join(chunk)) for chunk in chunks]
 
 
-def parse_launch_output(stdout: str) -> LaunchReport:
-    """Parse the launch script's stdout (noise from the user's shell start-up is ignored)."""
-    fields: dict[str, str] = {}
-    info: list[str] = []
+def split_info(stdout: str) -> tuple[list[str], list[str] | None]:
+    """The lines outside a `JLREMOTE-INFO` ... `JLREMOTE-END` block (a server's runtime
+    JSON), and the block's lines (None when there is no block)."""
+    outside: list[str] = []
+    info: list[str] | None = None
     in_info = False
     for line in stdout.splitlines():
         if in_info:
             if line == "JLREMOTE-END":
                 in_info = False
             else:
-                info.append(line)
+                info.append(line)  # type: ignore[union-attr]
         elif line == "JLREMOTE-INFO":
-            in_info = True
-        elif line.startswith("JLREMOTE-") and " " in line:
+            in_info, info = True, []
+        else:
+            outside.append(line)
+    return outside, info
+
+
+def parse_launch_output(stdout: str) -> LaunchReport:
+    """Parse the launch script's stdout (noise from the user's shell start-up is ignored)."""
+    fields: dict[str, str] = {}
+    outside, block = split_info(stdout)
+    info = block or []
+    for line in outside:
+        if line.startswith("JLREMOTE-") and " " in line:
             key, _, value = line.partition(" ")
             fields[key] = value
     try:

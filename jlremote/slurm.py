@@ -307,24 +307,15 @@ class JobPoll:
 def parse_poll_output(stdout: str) -> JobPoll:
     job = JobState()
     node = address = ""
-    info: list[str] = []
-    in_info = False
-    got_info = False
-    for line in stdout.splitlines():
-        if in_info:
-            if line == "JLREMOTE-END":
-                in_info = False
-            else:
-                info.append(line)
-        elif line == "JLREMOTE-INFO":
-            in_info = got_info = True
-        elif line.startswith("JLREMOTE-JOBSTATE"):
+    outside, info = scripts.split_info(stdout)
+    for line in outside:
+        if line.startswith("JLREMOTE-JOBSTATE"):
             job = parse_job_state(line.partition(" ")[2])
         elif line.startswith("JLREMOTE-NODE "):
             words = line.split()
             node, address = [*words, "", ""][1:3]
     data: dict[str, object] | None = None
-    if got_info:
+    if info is not None:
         try:
             loaded = json.loads("\n".join(info))
             data = loaded if isinstance(loaded, dict) else None

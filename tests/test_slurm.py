@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from tests.conftest import Jl, api, http_get, token_of
 from tests.slurmbed import NODE, Cluster, available
 from tests.test_e2e import assert_nothing_left, assert_one_error_line, jupyter_pids
+from tests.test_tooling import run_under_pty
 from tests.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = [
@@ -109,8 +111,9 @@ def test_start_status_stop_in_a_job(sjl: Jl, testbed: Testbed, cluster: Cluster)
 def test_a_job_cancelled_from_outside_shows_as_gone(
     sjl: Jl, testbed: Testbed, cluster: Cluster
 ) -> None:
-    r = sjl("start", ALIAS, "--slurm", "--name", "hpc")
+    r = sjl("start", ALIAS, "--slurm", "--name", "hpc", "--notebook")
     assert r.rc == 0, r.stderr
+    assert "/tree?token=" in r.url and http_get(r.url)[0] == 200  # --notebook in the job
     record = sjl.sessions()["hpc"]
     job_id = record["server"]["job_id"]
     # The supervisor heals a killed tunnel to the node, on the same local port.
@@ -148,9 +151,14 @@ def test_sbatch_refusal_is_clear_and_queues_nothing(
 
 
 def test_pending_job_is_cancelled_at_timeout(sjl: Jl, testbed: Testbed, cluster: Cluster) -> None:
-    r = sjl("start", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--timeout", "10")
-    assert r.rc == 7, r.stderr
-    assert_one_error_line(r.stderr, "pending after 10s", "PartitionDown", "cancelled")
+    # On a terminal, the live line says the job is queued and why.
+    rc, out, err = run_under_pty(
+        sjl, "start", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--timeout", "10"
+    )
+    assert rc == 7 and out == "", err
+    assert re.search(r"job \d+ queued \(PartitionDown\) \(\d+\.\ds\)", err), err
+    assert_one_error_line(err.replace("\r\x1b[K", "\n"), "pending after 10s", "PartitionDown")
+    assert "cancelled it" in err
     assert cluster.jobs() == []
     assert session_dirs(testbed) == []
     assert_nothing_left(testbed, sjl)

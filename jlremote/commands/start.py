@@ -265,6 +265,57 @@ def _master_and_helpers(
     return master, supervisor.spawn(name, wait)
 
 
+def _launch_spec(opts: StartOptions, name: str, transport: str) -> scripts.LaunchSpec:
+    """A new server, with a new session id, as OPTS asks."""
+    return scripts.LaunchSpec(
+        session_id=secrets.token_hex(8),
+        notebook=opts.notebook,
+        port=opts.port,
+        directory=opts.directory,
+        env=opts.env,
+        jupyter=opts.jupyter,
+        allow_root=opts.allow_root,
+        timeout=opts.wait,
+        transport=transport,
+        name=name,
+        attach_only=opts.attach,
+    )
+
+
+def _verify_and_record(
+    store: StateStore, session: Session, opts: StartOptions, timeout: float, logfile: Path
+) -> None:
+    """The URL must answer with the token through the tunnel; only then is it recorded."""
+    opts.progress("verifying the URL")
+    tunnel.wait_for_api(
+        session.tunnel.local_port,
+        session.server.base_url,
+        session.token,
+        timeout=timeout,
+        log_path=logfile,
+    )
+    with store.transaction() as sessions:
+        sessions[session.name] = session
+
+
+def _undo(
+    cfg: ssh.SshConfig,
+    store: StateStore,
+    name: str,
+    host: str,
+    sup: tuple[int | None, float | None],
+    master: Tunnel | None,
+) -> None:
+    """After a failed start: its supervisor and its tunnel go, and jlremote's control
+    connection too if no other session uses the host. (The server is the caller's.)"""
+    supervisor.stop_process(name, *sup)
+    if master is not None:
+        tunnel.close_tunnel(master)
+    if not any(s.host == host for s in store.read().values()):
+        with contextlib.suppress(Exception):
+            remote.release(cfg, host)
+
+
 def _socket_unsupported(exc: JlremoteError) -> bool:
     """Did the socket transport fail for a reason TCP avoids? (an old jupyter_server with no
     --sock, a socket path too long, or an sshd with stream-local forwarding turned off)"""
@@ -302,19 +353,7 @@ def _fresh_with(
     opts: StartOptions,
     transport: str,
 ) -> StartResult:
-    spec = scripts.LaunchSpec(
-        session_id=secrets.token_hex(8),
-        notebook=opts.notebook,
-        port=opts.port,
-        directory=opts.directory,
-        env=opts.env,
-        jupyter=opts.jupyter,
-        allow_root=opts.allow_root,
-        timeout=opts.wait,
-        transport=transport,
-        name=name,
-        attach_only=opts.attach,
-    )
+    spec = _launch_spec(opts, name, transport)
     token = secrets.token_hex(24)
     logfile = _tunnel_log(name)
     server: RemoteServer | None = None
@@ -366,23 +405,13 @@ def _fresh_with(
             supervisor_pid=sup_pid,
             supervisor_created=sup_created,
         )
-        opts.progress("verifying the URL")
-        tunnel.wait_for_api(
-            local_port, found.base_url, token, timeout=min(opts.wait, 30.0), log_path=logfile
-        )
-        with store.transaction() as sessions:
-            sessions[name] = session
+        _verify_and_record(store, session, opts, min(opts.wait, 30.0), logfile)
     except BaseException:
         # Nothing half-done stays behind: the supervisor, the tunnel and the server.
-        supervisor.stop_process(name, sup_pid, sup_created)
-        if master is not None:
-            tunnel.close_tunnel(master)
+        _undo(cfg, store, name, host, (sup_pid, sup_created), master)
         if server is not None:
             with contextlib.suppress(Exception):
                 remote.stop(cfg, host, remote.identity(server), grace=5)
-        if not any(s.host == host for s in store.read().values()):
-            with contextlib.suppress(Exception):
-                remote.release(cfg, host)
         raise
     return _result(
         session, reused=False, reopened=False, attached=launched.attached_token is not None
@@ -403,16 +432,7 @@ def _fresh_slurm(
     """Run the server in a batch job submitted on the login host HOST, wait for it (queue
     and start-up both count against --timeout), forward to NODE:PORT through HOST."""
     deadline = time.monotonic() + opts.wait
-    spec = scripts.LaunchSpec(
-        session_id=secrets.token_hex(8),
-        notebook=opts.notebook,
-        directory=opts.directory,
-        env=opts.env,
-        jupyter=opts.jupyter,
-        allow_root=opts.allow_root,
-        timeout=opts.wait,
-        name=name,
-    )
+    spec = _launch_spec(opts, name, "tcp")  # the job serves on its node's address
     job = slurm.JobSpec(spec, slurm.parse_sbatch_options(opts.sbatch))
     token = secrets.token_hex(24)
     logfile = _tunnel_log(name)
@@ -480,25 +500,12 @@ def _fresh_slurm(
             supervisor_pid=sup_pid,
             supervisor_created=sup_created,
         )
-        opts.progress("verifying")
-        tunnel.wait_for_api(
-            local_port,
-            server.base_url,
-            token,
-            timeout=max(5.0, min(30.0, deadline - time.monotonic())),
-            log_path=logfile,
-        )
-        with store.transaction() as sessions:
-            sessions[name] = session
+        wait = max(5.0, min(30.0, deadline - time.monotonic()))
+        _verify_and_record(store, session, opts, wait, logfile)
     except BaseException:
-        supervisor.stop_process(name, sup_pid, sup_created)
-        if master is not None:
-            tunnel.close_tunnel(master)
+        _undo(cfg, store, name, host, (sup_pid, sup_created), master)
         if job_id:
             with contextlib.suppress(Exception):
                 remote.cancel_job(cfg, host, spec.session_id, job_id)
-        if not any(s.host == host for s in store.read().values()):
-            with contextlib.suppress(Exception):
-                remote.release(cfg, host)
         raise
     return _result(session, reused=False, reopened=False)
