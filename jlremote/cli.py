@@ -332,6 +332,7 @@ def start(
     _setup_logging(verbose)
     from jlremote.commands.start import StartOptions
     from jlremote.commands.start import start as do_start
+    from jlremote.results import StartResult
 
     given = {
         "notebook": notebook,
@@ -349,29 +350,33 @@ def start(
     }
     conf = _profile(host, given)
     line = _ProgressLine(enabled=not quiet and not verbose and sys.stderr.isatty())
-    try:
-        result = _guarded(
-            do_start,
-            StartOptions(
-                host=host,
-                name=name,
-                notebook=conf["notebook"],
-                port=conf["port"],
-                local_port=conf["local_port"],
-                directory=conf["dir"],
-                env=conf["env"],
-                jupyter=conf["jupyter"],
-                allow_root=conf["allow_root"],
-                timeout=conf["timeout"],
-                transport=conf["transport"],
-                attach=attach,
-                slurm=conf["slurm"],
-                sbatch=conf["sbatch"],
-                progress=line.step,
-            ),
-        )
-    finally:
-        line.close()
+
+    def run(opts: StartOptions) -> StartResult:
+        try:
+            return do_start(opts)
+        finally:
+            line.close()  # before any error is printed
+
+    result: StartResult = _guarded(
+        run,
+        StartOptions(
+            host=host,
+            name=name,
+            notebook=conf["notebook"],
+            port=conf["port"],
+            local_port=conf["local_port"],
+            directory=conf["dir"],
+            env=conf["env"],
+            jupyter=conf["jupyter"],
+            allow_root=conf["allow_root"],
+            timeout=conf["timeout"],
+            transport=conf["transport"],
+            attach=attach,
+            slurm=conf["slurm"],
+            sbatch=conf["sbatch"],
+            progress=line.step,
+        ),
+    )
     if _want_browser(conf["open"]):
         from jlremote.browser import open_url
 

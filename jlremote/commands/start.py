@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -305,12 +306,17 @@ def _undo(
     host: str,
     sup: tuple[int | None, float | None],
     master: Tunnel | None,
+    remote_cleanup: Callable[[], object] | None,
 ) -> None:
-    """After a failed start: its supervisor and its tunnel go, and jlremote's control
-    connection too if no other session uses the host. (The server is the caller's.)"""
+    """After a failed start: its supervisor and its tunnel go, then what it started on
+    the remote (REMOTE_CLEANUP), then jlremote's control connection if no other session
+    uses the host (in that order: the cleanup needs the connection)."""
     supervisor.stop_process(name, *sup)
     if master is not None:
         tunnel.close_tunnel(master)
+    if remote_cleanup is not None:
+        with contextlib.suppress(Exception):
+            remote_cleanup()
     if not any(s.host == host for s in store.read().values()):
         with contextlib.suppress(Exception):
             remote.release(cfg, host)
@@ -408,10 +414,10 @@ def _fresh_with(
         _verify_and_record(store, session, opts, min(opts.wait, 30.0), logfile)
     except BaseException:
         # Nothing half-done stays behind: the supervisor, the tunnel and the server.
-        _undo(cfg, store, name, host, (sup_pid, sup_created), master)
+        stop_remote = None
         if server is not None:
-            with contextlib.suppress(Exception):
-                remote.stop(cfg, host, remote.identity(server), grace=5)
+            stop_remote = functools.partial(remote.stop, cfg, host, remote.identity(server), 5)
+        _undo(cfg, store, name, host, (sup_pid, sup_created), master, stop_remote)
         raise
     return _result(
         session, reused=False, reopened=False, attached=launched.attached_token is not None
@@ -503,9 +509,9 @@ def _fresh_slurm(
         wait = max(5.0, min(30.0, deadline - time.monotonic()))
         _verify_and_record(store, session, opts, wait, logfile)
     except BaseException:
-        _undo(cfg, store, name, host, (sup_pid, sup_created), master)
+        cancel = None
         if job_id:
-            with contextlib.suppress(Exception):
-                remote.cancel_job(cfg, host, spec.session_id, job_id)
+            cancel = functools.partial(remote.cancel_job, cfg, host, spec.session_id, job_id)
+        _undo(cfg, store, name, host, (sup_pid, sup_created), master, cancel)
         raise
     return _result(session, reused=False, reopened=False)
