@@ -80,7 +80,10 @@ docs: dev
 test: system-deps dev testbed-venv lint docs
 	$(BIN)/python -m pytest -q
 
+# Bytecode first, as an installed package has it (this machine sets PYTHONDONTWRITEBYTECODE,
+# which would make every measured command compile jlremote from source).
 bench: system-deps dev testbed-venv
+	$(BIN)/python -m compileall -q jlremote
 	$(BIN)/python -m tests.bench
 
 recovery: system-deps dev testbed-venv
