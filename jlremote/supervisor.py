@@ -103,7 +103,11 @@ def _process(name: str, pid: int | None, created: float | None) -> Any:
         p = psutil.Process(pid)
         if abs(p.create_time() - created) > 0.01:
             return None
-        cmd = p.cmdline()
+        # Right after spawn the process may be between `nice` and Python's exec, when its
+        # command line reads as empty for a moment: look again rather than disown it.
+        deadline = time.monotonic() + 1.0
+        while not (cmd := p.cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         if MODULE not in cmd or name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
             return None
         return p
@@ -120,7 +124,9 @@ def stop_process(name: str, pid: int | None, created: float | None, grace: float
     """Terminate the supervisor of NAME known as PID + CREATED (recorded or not yet)."""
     p = _process(name, pid, created)
     if p is None:
+        log.debug("supervisor %s (pid %s): not running", name, pid)
         return False
+    log.debug("stopping supervisor %s (pid %d)", name, p.pid)
     tunnel.terminate(p, grace)
     return True
 

@@ -141,5 +141,7 @@ def jl(testbed: Testbed, tmp_path: Path) -> Iterator[Jl]:
     stray_local = testbed.kill_local_ssh(marker=runtime) + kill_supervisors(state)
     shutil.rmtree(runtime, ignore_errors=True)
     stray_remote = testbed.kill_remote_processes()
-    assert not stray_local, f"ssh processes left behind: {stray_local}"
+    assert not stray_local, "ssh processes left behind: " + "; ".join(
+        f"{pid}: {testbed.killed_argv.get(pid, '?')}" for pid in stray_local
+    )
     assert not stray_remote, f"remote processes left behind: {stray_remote}"

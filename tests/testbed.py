@@ -90,6 +90,9 @@ class Testbed:
     # Another unprivileged user on the remote (root only), for privacy checks.
     other_user: str = ""
 
+    def __post_init__(self) -> None:
+        self.killed_argv: dict[int, str] = {}  # what kill_local_ssh killed, for messages
+
     @property
     def ssh_config(self) -> str:
         return f"{self.workdir}/ssh_config"
@@ -346,6 +349,7 @@ class Testbed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
                     killed.append(int(entry.name))
+                    self.killed_argv[int(entry.name)] = b" ".join(args).decode(errors="replace")
         return killed
 
     def kill_remote_processes(self) -> list[int]:
