@@ -283,9 +283,30 @@ def _launch_spec(opts: StartOptions, name: str, transport: str) -> scripts.Launc
     )
 
 
+def _new_session(
+    opts: StartOptions,
+    name: str,
+    host: str,
+    token: str,
+    server: RemoteServer,
+    master: Tunnel,
+    sup: tuple[int | None, float | None],
+) -> Session:
+    return Session(
+        name=name,
+        host=host,
+        token=token,
+        server=server,
+        tunnel=master,
+        launch_options=launch_options(opts),
+        supervisor_pid=sup[0],
+        supervisor_created=sup[1],
+    )
+
+
 def _verify_and_record(
     store: StateStore, session: Session, opts: StartOptions, timeout: float, logfile: Path
-) -> None:
+) -> Session:
     """The URL must answer with the token through the tunnel; only then is it recorded."""
     opts.progress("verifying the URL")
     tunnel.wait_for_api(
@@ -297,6 +318,7 @@ def _verify_and_record(
     )
     with store.transaction() as sessions:
         sessions[session.name] = session
+    return session
 
 
 def _undo(
@@ -401,17 +423,13 @@ def _fresh_with(
             found = server
             log.debug("server pid %d listens on remote port %d", found.pid, found.port)
             master = tunnel.add_forward(cfg, host, master, local_port, found.port, found.sock)
-        session = Session(
-            name=name,
-            host=host,
-            token=token,
-            server=found,
-            tunnel=master,
-            launch_options=launch_options(opts),
-            supervisor_pid=sup_pid,
-            supervisor_created=sup_created,
+        session = _verify_and_record(
+            store,
+            _new_session(opts, name, host, token, found, master, (sup_pid, sup_created)),
+            opts,
+            min(opts.wait, 30.0),
+            logfile,
         )
-        _verify_and_record(store, session, opts, min(opts.wait, 30.0), logfile)
     except BaseException:
         # Nothing half-done stays behind: the supervisor, the tunnel and the server.
         stop_remote = None
@@ -496,16 +514,7 @@ def _fresh_slurm(
         opts.progress(f"forwarding to {server.node}:{server.port} through {host}")
         local_port = opts.local_port or tunnel.pick_free_port()
         master = tunnel.add_forward(cfg, host, master, local_port, server.port, "", address)
-        session = Session(
-            name=name,
-            host=host,
-            token=token,
-            server=server,
-            tunnel=master,
-            launch_options=launch_options(opts),
-            supervisor_pid=sup_pid,
-            supervisor_created=sup_created,
-        )
+        session = _new_session(opts, name, host, token, server, master, (sup_pid, sup_created))
         wait = max(5.0, min(30.0, deadline - time.monotonic()))
         _verify_and_record(store, session, opts, wait, logfile)
     except BaseException:
