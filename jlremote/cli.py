@@ -610,6 +610,17 @@ def doctor(
         str | None,
         typer.Option("--jupyter", help="The jupyter executable (default: the profile's)."),
     ] = None,
+    use_slurm: Annotated[
+        bool | None,
+        typer.Option(
+            "--slurm/--no-slurm",
+            help="Also check what --slurm needs on this login host: sbatch, squeue, scancel, "
+            "and the partition --sbatch asks for (default: the profile's).",
+        ),
+    ] = None,
+    sbatch: Annotated[
+        str | None, typer.Option("--sbatch", help="sbatch options (default: the profile's).")
+    ] = None,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -621,8 +632,18 @@ def doctor(
     from jlremote.commands.doctor import DoctorOptions
     from jlremote.commands.doctor import doctor as do_doctor
 
-    conf = _profile(host, {"env": env, "jupyter": jupyter})
-    result = _guarded(do_doctor, DoctorOptions(host=host, env=conf["env"], jupyter=conf["jupyter"]))
+    given = {"env": env, "jupyter": jupyter, "slurm": use_slurm, "sbatch": sbatch}
+    conf = _profile(host, given)
+    result = _guarded(
+        do_doctor,
+        DoctorOptions(
+            host=host,
+            env=conf["env"],
+            jupyter=conf["jupyter"],
+            slurm=conf["slurm"],
+            sbatch=conf["sbatch"],
+        ),
+    )
     if as_json:
         _print_json(result.to_json())
     else:

@@ -493,11 +493,20 @@ def parse_stop_output(stdout: str) -> str | None:
 # ---- doctor and logs -------------------------------------------------------------------
 
 
-def doctor_script(env: str | None, jupyter: str) -> str:
+def doctor_script(env: str | None, jupyter: str, slurm: bool = False) -> str:
     """What `doctor` asks the remote, in one go: the shell, the OS, `jupyter` after the
     profile's --env snippet and its package versions, free space in the home, and the
-    jlremote sessions running there (JLREMOTE-ENTRY blocks, as list_script)."""
-    lines = [
+    jlremote sessions running there (JLREMOTE-ENTRY blocks, as list_script). With SLURM,
+    also where sbatch, squeue and scancel are (before --env: `start` needs them there)
+    and the partitions with their availability."""
+    lines = []
+    if slurm:
+        lines += [
+            "for c in sbatch squeue scancel; do "
+            """printf 'JLREMOTE-SLURM-BIN %s %s\n' "$c" "$(command -v "$c" 2>/dev/null)"; done""",
+            "sinfo -h -o '%P %a' 2>/dev/null | sed 's/^/JLREMOTE-SLURM-PART /'",
+        ]
+    lines += [
         """printf 'JLREMOTE-SHELL %s\\n' "${SHELL:-unknown}\"""",
         """printf 'JLREMOTE-OS %s\\n' "$(uname -sr 2>/dev/null)\"""",
         """printf 'JLREMOTE-DF %s\\n' "$(df -Pk "$HOME" 2>/dev/null | awk 'NR==2 {print $4}')\"""",
@@ -529,16 +538,27 @@ class DoctorReport:
     jupyter: str = ""
     versions: dict[str, str] | None = None
     sessions: tuple[str, ...] = ()
+    slurm_missing: tuple[str, ...] = ()  # of sbatch, squeue, scancel
+    partitions: dict[str, str] | None = None  # name ("*" marks the default) -> up/down/...
 
 
 def parse_doctor_output(stdout: str) -> DoctorReport:
     fields: dict[str, str] = {}
     versions: dict[str, str] = {}
+    missing: list[str] = []
+    partitions: dict[str, str] = {}
     for line in stdout.splitlines():
         key, _, value = line.partition(" ")
         if key == "JLREMOTE-V":
             package, _, version = value.partition(" ")
             versions[package] = version.strip()
+        elif key == "JLREMOTE-SLURM-BIN":
+            command, _, path = value.partition(" ")
+            if not path.strip():
+                missing.append(command)
+        elif key == "JLREMOTE-SLURM-PART":
+            name, _, avail = value.partition(" ")
+            partitions[name] = avail.strip()
         elif key.startswith("JLREMOTE-"):
             fields.setdefault(key, value.strip())
     free = fields.get("JLREMOTE-DF", "")
@@ -551,6 +571,8 @@ def parse_doctor_output(stdout: str) -> DoctorReport:
         jupyter=fields.get("JLREMOTE-JUPYTER", ""),
         versions=versions,
         sessions=names,
+        slurm_missing=tuple(missing),
+        partitions=partitions,
     )
 
 

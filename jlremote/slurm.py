@@ -73,6 +73,18 @@ def parse_sbatch_options(text: str) -> tuple[str, ...]:
     return tuple(words)
 
 
+def partition_of(words: tuple[str, ...]) -> str | None:
+    """The partition the sbatch words ask for (`-p X`, `--partition X|=X`), if any."""
+    for i, word in enumerate(words):
+        if word in ("-p", "--partition") and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--partition="):
+            return word.split("=", 1)[1]
+        if word.startswith("-p") and len(word) > 2:
+            return word[2:]
+    return None
+
+
 def _takes_value(word: str) -> bool:
     """Whether WORD is an option whose value is the next word (`-p gpu`, `--time 1:00`)."""
     if not word.startswith("-") or "=" in word:

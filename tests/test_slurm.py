@@ -173,3 +173,17 @@ def test_job_errors_name_the_cause(sjl: Jl, testbed: Testbed, cluster: Cluster) 
     assert_one_error_line(r.stderr, "--sbatch takes options only")
     assert cluster.jobs() == []
     assert_nothing_left(testbed, sjl)
+
+
+def test_doctor_checks_what_slurm_needs(sjl: Jl, testbed: Testbed, cluster: Cluster) -> None:
+    good = sjl("doctor", ALIAS, "--slurm", "--json")
+    assert good.rc == 0, good.stdout
+    checks = {c["name"]: c for c in good.json()["checks"]}
+    assert checks["slurm"]["status"] == "ok"
+    assert "debug* (up), closed (down)" in checks["slurm"]["detail"]
+    bad = sjl("doctor", ALIAS, "--slurm", "--sbatch", "-p nosuch")
+    assert bad.rc == 6 and "no partition 'nosuch'" in bad.stdout
+    down = sjl("doctor", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--json")
+    assert down.rc == 0
+    checks = {c["name"]: c for c in down.json()["checks"]}
+    assert checks["slurm"]["status"] == "warn" and "is down" in checks["slurm"]["detail"]

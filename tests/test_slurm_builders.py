@@ -148,3 +148,17 @@ def test_job_probe_and_stop_check_job_id_and_comment() -> None:
         f"JLREMOTE-JOB {SID} RUNNING|None|n|1:00|jlremote:{SID}\nJLREMOTE-PROBE {SID} running\n"
     ) == {SID: f"RUNNING|None|n|1:00|jlremote:{SID}"}
     assert shlex.split(probe.splitlines()[-1])[2] == "42"
+
+
+@pytest.mark.parametrize(
+    ("words", "partition"),
+    [
+        (("-p", "gpu", "-t", "1:00"), "gpu"),
+        (("--partition", "gpu"), "gpu"),
+        (("--partition=gpu,cpu",), "gpu,cpu"),
+        (("-pgpu",), "gpu"),
+        (("-t", "1:00"), None),
+    ],
+)
+def test_partition_of(words: tuple[str, ...], partition: str | None) -> None:
+    assert slurm.partition_of(words) == partition

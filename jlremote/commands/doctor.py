@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jlremote import proc, scripts, ssh, tunnel
+from jlremote import proc, scripts, slurm, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.remote import release, run_script
@@ -30,6 +30,8 @@ class DoctorOptions:
     env: str | None = None
     jupyter: str = "jupyter"
     timeout: float = 10.0
+    slurm: bool = False  # also check what `start --slurm` needs on the login host
+    sbatch: str = ""
 
 
 def _connect_fix(host: str, failure: JlremoteError) -> str:
@@ -121,11 +123,13 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
     done = run_script(
         cfg,
         host,
-        scripts.doctor_script(opts.env, opts.jupyter),
+        scripts.doctor_script(opts.env, opts.jupyter, opts.slurm),
         timeout=cfg.connect_timeout + 30,
         what=f"checking {host}",
     )
     report = scripts.parse_doctor_output(done.stdout)
+    if opts.slurm:
+        _slurm_check(report, opts, add)
     shell = report.shell.rsplit("/", 1)[-1]
     if shell in ("csh", "tcsh", "fish"):
         add(
@@ -201,6 +205,48 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
             required=False,
         )
     )
+
+
+def _slurm_check(report: scripts.DoctorReport, opts: DoctorOptions, add: _Add) -> None:
+    """sbatch, squeue and scancel on the login host's PATH, and the asked-for partition."""
+    if report.slurm_missing:
+        add(
+            Check(
+                "slurm",
+                "fail",
+                f"not found on the login host: {', '.join(report.slurm_missing)}",
+                "run doctor against the cluster's login host, or have Slurm's commands on "
+                "the PATH of non-interactive ssh commands (--env runs only inside the job)",
+            ),
+            ExitCode.REMOTE_ENV,
+        )
+        return
+    parts = report.partitions or {}
+    shown = ", ".join(f"{name} ({avail})" for name, avail in parts.items()) or "none listed"
+    wanted = slurm.partition_of(slurm.parse_sbatch_options(opts.sbatch))
+    known = {name.rstrip("*"): avail for name, avail in parts.items()}
+    if wanted is not None and parts and wanted not in known:
+        add(
+            Check(
+                "slurm",
+                "fail",
+                f"no partition {wanted!r}; partitions: {shown}",
+                "fix -p/--partition in --sbatch (or in the profile's sbatch)",
+            ),
+            ExitCode.REMOTE_ENV,
+        )
+    elif wanted is not None and known.get(wanted, "up") != "up":
+        add(
+            Check(
+                "slurm",
+                "warn",
+                f"partition {wanted!r} is {known[wanted]}: jobs will wait; partitions: {shown}",
+                "pick another partition, or ask the admins when it is back",
+                required=False,
+            )
+        )
+    else:
+        add(Check("slurm", "ok", f"sbatch, squeue and scancel found; partitions: {shown}"))
 
 
 def _greeted(port: int) -> bool:
