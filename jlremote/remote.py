@@ -217,9 +217,11 @@ class JobPoll:
     log_tail: str
 
 
-def poll_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
-    """The job's state, and its server's runtime facts once it is up."""
-    script = slurm.poll_script(session_id, job_id)
+def poll_job(
+    cfg: ssh.SshConfig, host: str, session_id: str, job_id: str, ask_slurm: bool = True
+) -> JobPoll:
+    """The job's state (with ASK_SLURM), and its server's runtime facts once it is up."""
+    script = slurm.poll_script(session_id, job_id, ask_slurm)
     return _job_script(cfg, host, script, f"asking {host} about job {job_id}")
 
 

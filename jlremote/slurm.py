@@ -227,16 +227,20 @@ def job_state_function() -> str:
     )
 
 
-def poll_script(session_id: str, job_id: str) -> str:
-    """The job's state (`JLREMOTE-JOBSTATE` line) and, once the server has written its
-    runtime file, the node (`JLREMOTE-NODE NAME ADDR`) and that file. When the job has
-    ended, the last lines of its log go to stderr."""
+def poll_script(session_id: str, job_id: str, ask_slurm: bool = True) -> str:
+    """The job's state (`JLREMOTE-JOBSTATE` line; only with ASK_SLURM, which runs squeue)
+    and, once the server has written its runtime file, the node (`JLREMOTE-NODE NAME
+    ADDR`) and that file. When the job has ended, the last lines of its log go to stderr."""
     d = scripts.session_dir_expr(session_id)
     lines = [
         job_state_function().rstrip("\n"),
         f"d={d}; j={q(check_job_id(job_id))}",
-        's=$(job_state "$j")',
-        """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\"""",
+    ]
+    if ask_slurm:
+        lines += ['s=$(job_state "$j")', """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\""""]
+    else:
+        lines.append("s=RUNNING")  # not asked: no log tail below
+    lines += [
         "f=",
         'for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
         '  if [ -f "$c" ] && grep -q "^}" "$c"; then f=$c; break; fi',
@@ -310,14 +314,14 @@ def parse_job_state(line: str) -> JobState:
 class JobPoll:
     """What one poll learned: the job's state, and the server once it is up."""
 
-    job: JobState
+    job: JobState | None  # None when Slurm was not asked
     node: str = ""
     address: str = ""
     info: dict[str, object] | None = None
 
 
 def parse_poll_output(stdout: str) -> JobPoll:
-    job = JobState()
+    job: JobState | None = None
     node = address = ""
     outside, info = scripts.split_info(stdout)
     for line in outside:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -20,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.slurmbed import Cluster, available
 from tests.testbed import ALIAS, Testbed, wait_until
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -231,6 +233,59 @@ class Bench:
 
         ver = [timed(lambda: self.jl("--version")) for _ in range(RUNS)]
         self.row("jlremote --version", ver, None, 0.15, "seconds")
+        self.slurm()
+
+    def bare_job(self, cluster: Cluster) -> float:
+        """By hand: sbatch (over one fresh ssh) a job that runs JupyterLab on the node's
+        address, until the server answers there."""
+        rt = Path(self.bed.home) / f".bench-job-{time.monotonic_ns()}"
+        self.bed.remote_run(["mkdir", "-m", "700", str(rt)])
+        wrap = (
+            f"env JUPYTER_RUNTIME_DIR={rt} JUPYTER_TOKEN=bench jupyter lab --no-browser "
+            f"--ip={cluster.address} --port=0"
+        )
+        t = time.perf_counter()
+        out = subprocess.run(
+            ["ssh", "-F", self.bed.ssh_config, "-o", "ControlPath=none", ALIAS,
+             f"sbatch --parsable --output=/dev/null --wrap {shlex.quote(wrap)}"],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        job = out.stdout.strip().split(";")[0]
+        try:
+
+            def ready() -> bool:
+                for f in rt.glob("jpserver-*.json"):
+                    try:
+                        port = json.loads(f.read_text())["port"]
+                    except (ValueError, KeyError):
+                        return False
+                    return http_ok(f"http://{cluster.address}:{port}/api/status", "bench")
+                return False
+
+            wait_until(ready, 120, "the bare job's server", interval=0.02)
+            return time.perf_counter() - t
+        finally:
+            cluster.run("scancel", job)
+            wait_until(lambda: not cluster.jobs(), 30, "the bare job to end", interval=0.05)
+            self.bed.remote_run(["rm", "-rf", str(rt)])
+
+    def slurm(self) -> None:
+        """start --slurm against sbatch by hand, on the one-node test cluster (root only)."""
+        if available() is not None:
+            return
+        cluster = Cluster.create(self.bed)
+        try:
+            self.bare_job(cluster)  # warm-up
+            ours, base = [], []
+            for _ in range(RUNS):
+                base.append(self.bare_job(cluster))
+                ours.append(timed(lambda: self.jl("start", ALIAS, "--slurm", "--no-open")))
+                self.jl("stop", ALIAS)
+                wait_until(lambda: not cluster.jobs(), 30, "the job to end", interval=0.05)
+            self.row("start --slurm to verified URL", ours, base, 1.15, "ratio")
+            self.row("  (baseline: sbatch by hand until it answers)", base, None, 0, "info")
+        finally:
+            cluster.close()
 
     def table(self) -> str:
         lines = [

@@ -28,8 +28,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}$")
 # the job to leave the queue.
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_SLURM_TIMEOUT = 300.0
-# How often a queued or starting job is looked at (through the shared ssh connection).
-JOB_POLL_INTERVAL = 0.3
+# How often a starting job's server is looked for (a file test through the shared ssh
+# connection), and how often squeue is asked about the job.
+JOB_POLL_INTERVAL = 0.1
+SQUEUE_INTERVAL = 1.0
 
 Progress = Callable[[str], None]
 
@@ -474,10 +476,17 @@ def _fresh_slurm(
         master, (sup_pid, sup_created) = _master_and_helpers(
             cfg, host, spec.session_id, logfile, name, opts.wait + 60
         )
+        state = slurm.JobState("PENDING")
+        ask_at = 0.0
         while True:
-            looked = remote.poll_job(cfg, host, spec.session_id, job_id)
-            state = looked.poll.job
-            if looked.poll.info is not None and state.state == "RUNNING":
+            # squeue at most every SQUEUE_INTERVAL (Slurm's controller is shared); the
+            # runtime file, which says the server is up, at every tick.
+            ask = time.monotonic() >= ask_at
+            looked = remote.poll_job(cfg, host, spec.session_id, job_id, ask_slurm=ask)
+            if looked.poll.job is not None:
+                state = looked.poll.job
+                ask_at = time.monotonic() + SQUEUE_INTERVAL
+            if looked.poll.info is not None:
                 break
             if not state.active:
                 raise remote.job_failure(job_id, state, looked.log_tail)
