@@ -128,7 +128,7 @@ def test_doctor_passes_on_a_good_host_and_explains_failures(jl: Jl, testbed: Tes
     assert "jupyter_server 2." in checks["jupyter"]["detail"]
     assert "jupyterlab 4." in checks["jupyter"]["detail"]
     assert checks["connect"]["seconds"] > 0
-    assert f"{testbed.user}@{testbed.remote_ip} port 22" in checks["resolve"]["detail"]
+    assert f"{testbed.user}@{testbed.remote_ip} port {testbed.port}" in checks["resolve"]["detail"]
     text = jl("doctor", ALIAS)
     assert text.rc == 0 and re.search(r"^ok\s+jupyter\s+/", text.stdout, re.M), text.stdout
 
