@@ -40,6 +40,8 @@ def stop(
             if name is None:
                 raise JlremoteError("no sessions to stop", exc.code) from None
             raise
+    if not names:  # `stop --all` with nothing to stop: touch nothing, not even ssh
+        return StopOutcome([], None)
     cfg = ssh.SshConfig.from_environment()
     results = []
     failure: JlremoteError | None = None
