@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Jl, api, http_get, token_of
+from tests.conftest import Jl, api, http_get, kill_supervisors, token_of
 from tests.test_e2e import assert_nothing_left, assert_one_error_line
 from tests.testbed import ALIAS, Testbed, wait_until
 
@@ -231,6 +231,13 @@ def test_open_hands_a_private_page_to_browser(jl: Jl, testbed: Testbed, tmp_path
     record.unlink()
     again = jl("start", ALIAS, "--open", env=env)
     assert again.rc == 0 and record.read_text() == argv
+    # A tunnel that is down (and not being re-opened) is said, not opened.
+    record.unlink()
+    kill_supervisors(jl.state_dir)
+    os.kill(jl.sessions()[ALIAS]["tunnel"]["pid"], signal.SIGKILL)
+    down = jl("open", env=env)
+    assert down.rc == 10 and not record.exists()
+    assert_one_error_line(down.stderr, "tunnel of session 'remote' is down", "jlremote start")
 
 
 def run_under_pty(jl: Jl, *args: str) -> tuple[int, str, str]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from jlremote import proc, remote, scripts, ssh
+import logging
+
+from jlremote import proc, remote, scripts, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import LogResult, OpenResult
 from jlremote.state import StateStore
+
+log = logging.getLogger(__name__)
 
 
 def logs(name: str | None, lines: int = 50) -> LogResult:
@@ -52,5 +56,13 @@ def open_session(name: str | None) -> OpenResult:
     from jlremote.browser import open_url
 
     session = StateStore(state_dir()).pick(name)
+    if tunnel.tunnel_process(session.tunnel) is None:
+        if supervisor.process_of(session) is None:
+            raise JlremoteError(
+                f"the tunnel of session {session.name!r} is down; `jlremote start "
+                f"{session.host}` re-opens it (and opens the browser with --open)",
+                ExitCode.TUNNEL,
+            )
+        log.warning("the tunnel of %s is reconnecting; the page loads once it is up", session.name)
     page = open_url(session.name, session.url)
     return OpenResult(session.name, session.url, str(page))
