@@ -27,10 +27,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
     epilog="Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect, "
-    "5 authentication or host key, 6 remote environment (jupyter, --dir, --env), "
-    "7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed, "
-    "130 interrupted. Environment: JLREMOTE_CONFIG, JLREMOTE_STATE_DIR, JLREMOTE_SSH, "
-    "JLREMOTE_SSH_CONFIG.",
+    "5 authentication or host key, 6 remote environment (jupyter, --dir, --env, sbatch), "
+    "7 server did not start (or the job, in time), 8 local port busy, 9 no such session, "
+    "10 tunnel failed, 130 interrupted. Files: config.toml (`jlremote config path`). "
+    "Environment: JLREMOTE_CONFIG, JLREMOTE_STATE_DIR, JLREMOTE_SSH, JLREMOTE_SSH_CONFIG.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -180,9 +180,9 @@ def _main(
     """jlremote: a remote JupyterLab in your local browser, over SSH.
 
     Exit codes: 0 ok, 1 other error, 2 usage, 3 ssh missing, 4 cannot connect,
-    5 authentication or host key, 6 remote environment (jupyter, --dir, --env),
-    7 server did not start, 8 local port busy, 9 no such session, 10 tunnel failed,
-    130 interrupted.
+    5 authentication or host key, 6 remote environment (jupyter, --dir, --env, sbatch),
+    7 server did not start (or the job, in time), 8 local port busy, 9 no such session,
+    10 tunnel failed, 130 interrupted.
     """
     _setup_logging(verbose)
 
