@@ -321,9 +321,55 @@ _IDENTITY_CHECK = (
 )
 
 
+# ---- Slurm jobs: how the scripts ask about one (also used by slurm.py) -----------------
+
+# Job states in which the job may still run (or soon will): anything else has ended.
+JOB_ACTIVE_STATES = (
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+)
+_ACTIVE = "|".join(JOB_ACTIVE_STATES)
+_SQUEUE_FORMAT = "%T|%r|%N|%L|%k"
+
+# `job_state JOB` prints `STATE|REASON|NODES|TIMELEFT|COMMENT`, or nothing once Slurm has
+# forgotten the job (squeue: "Invalid job id"), and fails when Slurm cannot tell (the
+# controller is down or slow): a caller must never take that for "ended".
+JOB_STATE = (
+    "job_state() {\n"
+    f'  o=$(squeue -h -t all -j "$1" -o {q(_SQUEUE_FORMAT)} 2>&1) && '
+    "{ printf '%s\\n' \"$o\" | grep '|' | head -n 1; return 0; }\n"
+    '  case "$o" in *"Invalid job id"*) return 0;; esac\n'
+    "  return 1\n"
+    "}\n"
+)
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id goes into scripts only if it is all digits."""
+    if not job_id.isdigit():
+        raise ValueError(f"bad job id {job_id!r}")
+    return job_id
+
+
+def job_comment(session_id: str) -> str:
+    """The job's comment: with the job id it proves a job is this session's."""
+    return f"jlremote:{session_id}"
+
+
 # The remote session directories are the registry: each holds name, kind, server.pid,
 # server.start, server.args and the server's runtime JSON (0600, token included).
-_REGISTRY = r"""report_entry() {
+_REGISTRY = (
+    JOB_STATE
+    + r"""report_entry() {
   e=$1; f=
   for c in "$e"/jpserver-*.json "$e"/nbserver-*.json; do
     if [ -f "$c" ]; then f=$c; break; fi
@@ -354,9 +400,8 @@ scan() {
       # A server in a Slurm job: not on this host, so not attachable here. Its directory
       # goes once Slurm says the job has ended (never when squeue cannot tell).
       command -v squeue >/dev/null 2>&1 || continue
-      js=$(squeue -h -t all -j "$(cat "$e/job.id")" -o %T 2>/dev/null | head -n 1) || continue
-      case "$js" in ""|COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|PREEMPTED|BOOT_FAIL|\
-DEADLINE|OUT_OF_MEMORY) rm -rf "$e";; esac
+      js=$(job_state "$(cat "$e/job.id")") || continue
+      case "${js%%|*}" in ACTIVE_STATES) ;; *) rm -rf "$e";; esac
       continue
     fi
     [ -f "$e/server.pid" ] || continue
@@ -370,7 +415,8 @@ DEADLINE|OUT_OF_MEMORY) rm -rf "$e";; esac
     fi
   done
 }
-"""
+""".replace("ACTIVE_STATES", _ACTIVE)
+)
 
 
 def list_script() -> str:
@@ -384,8 +430,6 @@ def probe_script(servers: list[ServerIdentity]) -> str:
 
     `foreign` means the PID is alive but is another process now (PID reuse).
     """
-    from jlremote import slurm
-
     lines = [_IDENTITY_CHECK.rstrip("\n")]
     lines.append(
         'probe() { is_ours "$2" "$3" "$4"; case $? in '
@@ -395,9 +439,10 @@ def probe_script(servers: list[ServerIdentity]) -> str:
     if any(srv.job_id for srv in servers):
         # A job's server runs while the job is RUNNING with our comment; the state line
         # (`JLREMOTE-JOB SESSION STATE|REASON|NODE|LEFT|COMMENT`) goes to status as is.
-        lines.append(slurm.job_state_function().rstrip("\n"))
+        # When Slurm cannot tell, nothing is said of the session (status: unknown).
+        lines.append(JOB_STATE.rstrip("\n"))
         lines.append(
-            'probe_job() { js=$(job_state "$2"); '
+            'probe_job() { js=$(job_state "$2") || return 0; '
             """printf 'JLREMOTE-JOB %s %s\\n' "$1" "$js"; case "$js" in """
             '"RUNNING|"*"|$3") s=running;; *"|$3") s=gone;; "") s=gone;; *) s=foreign;; esac; '
             'printf \'JLREMOTE-PROBE %s %s\\n\' "$1" "$s"; }'
@@ -405,8 +450,8 @@ def probe_script(servers: list[ServerIdentity]) -> str:
     for srv in servers:
         session_dir_expr(srv.session_id)  # validates the id
         if srv.job_id:
-            job = slurm.check_job_id(srv.job_id)
-            lines.append(f"probe_job {q(srv.session_id)} {job} {q(slurm.comment(srv.session_id))}")
+            job = check_job_id(srv.job_id)
+            lines.append(f"probe_job {q(srv.session_id)} {job} {q(job_comment(srv.session_id))}")
         else:
             lines.append(f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}")
     return "\n".join(lines) + "\n"
@@ -461,15 +506,18 @@ def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
 def _stop_job_script(server: ServerIdentity, d: str, ticks: int) -> str:
     """scancel our job (job id + our comment; Slurm sends TERM, then KILL after its
     KillWait), wait for it to end, `scancel -s KILL` if it outlives the grace time."""
-    from jlremote import slurm
-
-    active = "|".join(slurm.ACTIVE_STATES)
     lines = [
-        slurm.job_state_function().rstrip("\n"),
-        f"d={d}; j={slurm.check_job_id(server.job_id)}; c={q(slurm.comment(server.session_id))}",
-        'mine() { case "$(job_state "$j")" in *"|$c") return 0;; esac; return 1; }',
-        'live() { s=$(job_state "$j"); case "${s%%|*}" in ' + active + ") return 0;; esac; "
-        "return 1; }",
+        JOB_STATE.rstrip("\n"),
+        f"d={d}; j={check_job_id(server.job_id)}; c={q(job_comment(server.session_id))}",
+        # Slurm must answer first: a job it cannot tell about is neither ours nor ended,
+        # and its directory (token, log) stays until it can.
+        's=$(job_state "$j") || { echo "jlremote: Slurm did not answer about job $j '
+        '(is slurmctld up?)" >&2; exit 1; }',
+        'mine() { case "$s" in *"|$c") return 0;; esac; return 1; }',
+        # While waiting, a Slurm that does not answer counts as the job still running.
+        'live() { s=$(job_state "$j") || return 0; case "${s%%|*}" in '
+        + _ACTIVE
+        + ") return 0;; esac; return 1; }",
         "state=gone",
         "if mine && live; then",
         '  scancel "$j"; state=stopped; i=0',

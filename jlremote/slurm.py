@@ -24,27 +24,11 @@ q = shlex.quote
 RC_NO_SBATCH = 87
 RC_SBATCH_FAILED = 88
 
-# Job states in which the job may still run (or soon will): anything else has ended.
-ACTIVE_STATES = (
-    "PENDING",
-    "CONFIGURING",
-    "RUNNING",
-    "COMPLETING",
-    "SUSPENDED",
-    "REQUEUED",
-    "REQUEUE_HOLD",
-    "REQUEUE_FED",
-    "RESIZING",
-    "SIGNALING",
-    "STAGE_OUT",
-)
+ACTIVE_STATES = scripts.JOB_ACTIVE_STATES
+check_job_id = scripts.check_job_id
+comment = scripts.job_comment
 # Options jlremote sets itself: the user's --sbatch must not change them.
 _OWN_OPTIONS = ("--wrap", "--parsable", "--comment", "--output", "-o", "--error", "-e")
-
-
-def comment(session_id: str) -> str:
-    """The job's comment: with the job id it proves a job is this session's."""
-    return f"jlremote:{session_id}"
 
 
 def parse_sbatch_options(text: str) -> tuple[str, ...]:
@@ -215,29 +199,20 @@ def submit_script(job: JobSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SQUEUE_FORMAT = "%T|%r|%N|%L|%k"
-
-
-def job_state_function() -> str:
-    """Shell function `job_state JOB`: one line `STATE|REASON|NODES|TIMELEFT|COMMENT`,
-    empty once Slurm has forgotten the job."""
-    return (
-        'job_state() { squeue -h -t all -j "$1" '
-        f"-o {q(_SQUEUE_FORMAT)} 2>/dev/null | head -n 1; }}\n"
-    )
-
-
 def poll_script(session_id: str, job_id: str, ask_slurm: bool = True) -> str:
     """The job's state (`JLREMOTE-JOBSTATE` line; only with ASK_SLURM, which runs squeue)
     and, once the server has written its runtime file, the node (`JLREMOTE-NODE NAME
     ADDR`) and that file. When the job has ended, the last lines of its log go to stderr."""
     d = scripts.session_dir_expr(session_id)
     lines = [
-        job_state_function().rstrip("\n"),
+        scripts.JOB_STATE.rstrip("\n"),
         f"d={d}; j={q(check_job_id(job_id))}",
     ]
-    if ask_slurm:
-        lines += ['s=$(job_state "$j")', """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\""""]
+    if ask_slurm:  # no JOBSTATE line when Slurm cannot tell: as if it was not asked
+        lines.append(
+            """if s=$(job_state "$j"); then printf 'JLREMOTE-JOBSTATE %s\\n' "$s"; """
+            "else s=RUNNING; fi"
+        )
     else:
         lines.append("s=RUNNING")  # not asked: no log tail below
     lines += [
@@ -262,22 +237,18 @@ def cancel_script(session_id: str, job_id: str) -> str:
     (the caller removes it through stop_script, or wants the log first)."""
     d = scripts.session_dir_expr(session_id)
     lines = [
-        job_state_function().rstrip("\n"),
+        scripts.JOB_STATE.rstrip("\n"),
         f"d={d}; j={q(check_job_id(job_id))}",
-        's=$(job_state "$j")',
-        """printf 'JLREMOTE-JOBSTATE %s\\n' "$s\"""",
-        f'case "$s" in *"|{comment(session_id)}") scancel "$j";; esac',
+        # The job was submitted moments ago by this very start: when Slurm cannot say
+        # whose it is, cancelling it anyway is right (leaving it queued is not).
+        'if s=$(job_state "$j"); then',
+        """  printf 'JLREMOTE-JOBSTATE %s\\n' "$s\"""",
+        f'  case "$s" in *"|{comment(session_id)}") scancel "$j";; esac',
+        'else scancel "$j"; fi',
         f'tail -n {scripts.LOG_TAIL_LINES} "$d/server.log" >&2 2>/dev/null',
         'rm -rf "$d"',
     ]
     return "\n".join(lines) + "\n"
-
-
-def check_job_id(job_id: str) -> str:
-    """A job id goes into scripts unquoted-safe only if it is all digits."""
-    if not job_id.isdigit():
-        raise ValueError(f"bad job id {job_id!r}")
-    return job_id
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ class Cluster:
             "SelectTypeParameters=CR_Core\nSchedulerParameters=batch_sched_delay=0\n"
             "SlurmdParameters=config_overrides\nReturnToService=2\nKillWait=5\n"
             "DebugFlags=NO_CONF_HASH\n"
+            # Commands give up on a controller that is down after 2 s, not the default 10.
+            "MessageTimeout=2\n"
             f"NodeName={NODE} NodeAddr={self.address} CPUs=2 RealMemory=1000 State=UNKNOWN\n"
             f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP\n"
             f"PartitionName=closed Nodes={NODE} MaxTime=INFINITE State=DOWN\n"
@@ -169,6 +171,23 @@ class Cluster:
             return "idle" in self.run("sinfo", "-h", "-n", NODE, "-o", "%T").stdout
 
         wait_until(idle, 30, "the Slurm node to be idle", interval=0.1)
+
+    def stop_controller(self) -> None:
+        """slurmctld goes away (jobs keep running on the node); start_controller() brings
+        it back with its saved state."""
+        pid = self.pids.pop("slurmctld")
+        os.killpg(pid, signal.SIGTERM)
+        wait_until(lambda: _reaped(pid), 30, "slurmctld to exit", interval=0.05)
+        self.save()
+
+    def start_controller(self) -> None:
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", self.conf])  # recovers its state
+        wait_until(
+            lambda: self.run("sinfo", "-h", "-o", "%T").returncode == 0,
+            30,
+            "slurmctld to answer",
+            interval=0.1,
+        )
 
     def save(self) -> None:
         (Path(self.workdir) / "cluster.json").write_text(json.dumps(asdict(self)))

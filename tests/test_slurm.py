@@ -187,3 +187,29 @@ def test_doctor_checks_what_slurm_needs(sjl: Jl, testbed: Testbed, cluster: Clus
     assert down.rc == 0
     checks = {c["name"]: c for c in down.json()["checks"]}
     assert checks["slurm"]["status"] == "warn" and "is down" in checks["slurm"]["detail"]
+
+
+def test_a_controller_that_does_not_answer_is_not_taken_for_an_ended_job(
+    sjl: Jl, testbed: Testbed, cluster: Cluster
+) -> None:
+    r = sjl("start", ALIAS, "--slurm")
+    assert r.rc == 0, r.stderr
+    record = sjl.sessions()[ALIAS]
+    session_dir = Path(record["server"]["session_dir"])
+    cluster.stop_controller()
+    try:
+        rows = sjl("status", "--json").json()
+        assert rows[0]["server"] == "unknown"
+        assert "did not answer about job" in rows[0]["error"]
+        assert http_get(api(r.url, "api/status"), token_of(r.url))[0] == 200  # still serving
+        stop = sjl("stop")
+        assert stop.rc != 0 and "Slurm did not answer" in stop.stderr
+        # Nothing was taken for ended: the record, the directory and the server are there.
+        assert ALIAS in sjl.sessions() and session_dir.is_dir()
+        assert len(jupyter_pids(testbed)) == 1
+    finally:
+        cluster.start_controller()
+    stop = sjl("stop")
+    assert stop.rc == 0, stop.stderr
+    assert cluster.jobs() == [] and not session_dir.exists()
+    wait_until(lambda: not jupyter_pids(testbed), 15, "the job's server to exit")

@@ -88,7 +88,7 @@ def test_submit_script_passes_sbatch_options_as_quoted_words() -> None:
 
 
 def test_submit_script_refuses_to_run_without_a_token(tmp_path: Path) -> None:
-    """Run the script for real with a fake sbatch: no token on stdin, nothing submitted."""
+    """Run the script for real (sh): no token on stdin, nothing made, nothing submitted."""
     job = slurm.JobSpec(spec(), ())
     done = subprocess.run(
         ["sh", "-c", slurm.submit_script(job)],
@@ -162,3 +162,41 @@ def test_job_probe_and_stop_check_job_id_and_comment() -> None:
 )
 def test_partition_of(words: tuple[str, ...], partition: str | None) -> None:
     assert slurm.partition_of(words) == partition
+
+
+@pytest.mark.parametrize(
+    ("squeue", "rc", "out"),
+    [
+        # A state line (a warning before it is not taken for one).
+        (
+            "echo 'squeue: warning: x' >&2; echo 'RUNNING|None|n1|1:00|c'",
+            0,
+            "RUNNING|None|n1|1:00|c",
+        ),
+        # Forgotten by Slurm: nothing, and success.
+        ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", 0, ""),
+        # The controller does not answer: failure, so that no caller reads "ended".
+        (
+            "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1",
+            1,
+            "",
+        ),
+    ],
+)
+def test_job_state_tells_forgotten_from_unknown(
+    tmp_path: Path, squeue: str, rc: int, out: str
+) -> None:
+    """The shell function against a stand-in squeue on PATH (the e2e test stops the real
+    controller; this pins each answer's meaning)."""
+    fake = tmp_path / "squeue"
+    fake.write_text(f"#!/bin/sh\n{squeue}\n")
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["sh", "-c", scripts.JOB_STATE + "job_state 42"],
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=10,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (rc, out)

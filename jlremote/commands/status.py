@@ -55,6 +55,9 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
     for s in sorted(sessions.values(), key=lambda s: s.name):
         probed = answers.get(s.host, {}).get(s.server.session_id)
         job = jobs.get(s.server.session_id, slurm.JobState())
+        error = errors.get(s.host)
+        if s.server.job_id and s.host in answers and probed is None:
+            error = f"Slurm on {s.host} did not answer about job {s.server.job_id}"
         server = "running" if probed == "running" else ("gone" if probed else "unknown")
         report = supervisor.read_status(s.name)
         activity = None
@@ -83,7 +86,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 remote_port=s.tunnel.remote_port,
                 server_pid=s.server.pid,
                 started_at=s.created,
-                error=errors.get(s.host),
+                error=error,
                 uptime_s=round(now - s.created, 1),
                 transport="socket" if s.server.sock else "tcp",
                 tunnel_attempts=report.attempts if report and state != "up" else 0,
