@@ -86,17 +86,24 @@ def control_exit_argv(cfg: SshConfig, host: str) -> list[str]:
     return [*_base(cfg), "-o", f"ControlPath={control_path(cfg)}", "-O", "exit", "--", host]
 
 
-def forward_spec(
-    local_port: int, remote_port: int, remote_socket: str = "", remote_host: str = ""
-) -> str:
-    """The -L argument: local loopback to the remote's loopback port or Unix socket, or to
-    REMOTE_HOST:REMOTE_PORT as the remote sees it (a compute node behind a login host)."""
-    if remote_socket:
-        return f"127.0.0.1:{local_port}:{remote_socket}"
-    target = remote_host or "127.0.0.1"
-    if ":" in target:  # an IPv6 address
-        target = f"[{target}]"
-    return f"127.0.0.1:{local_port}:{target}:{remote_port}"
+@dataclass(frozen=True)
+class Target:
+    """Where a forward goes, as the remote end sees it: a Unix socket there, or HOST:PORT
+    (HOST "" is its own 127.0.0.1; a compute node's address behind a login host)."""
+
+    port: int = 0
+    socket: str = ""
+    host: str = ""
+
+
+def forward_spec(local_port: int, target: Target) -> str:
+    """The -L argument: our loopback's LOCAL_PORT to TARGET."""
+    if target.socket:
+        return f"127.0.0.1:{local_port}:{target.socket}"
+    host = target.host or "127.0.0.1"
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"127.0.0.1:{local_port}:{host}:{target.port}"
 
 
 def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> list[str]:
@@ -121,16 +128,10 @@ def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> l
 
 
 def forward_argv(
-    cfg: SshConfig,
-    host: str,
-    path: str,
-    local_port: int,
-    remote_port: int,
-    remote_socket: str = "",
-    remote_host: str = "",
+    cfg: SshConfig, host: str, path: str, local_port: int, target: Target
 ) -> list[str]:
     """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
-    spec = forward_spec(local_port, remote_port, remote_socket, remote_host)
+    spec = forward_spec(local_port, target)
     return [
         *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward", "-L", spec, "--", host,
     ]  # fmt: skip

@@ -21,6 +21,7 @@ from typing import Any
 
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir
+from jlremote.ssh import Target
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class RemoteServer:
     node: str = ""
     address: str = ""
 
+    @property
+    def target(self) -> Target:
+        """Where a forward to this server goes, as the remote host sees it."""
+        return Target(port=self.port, socket=self.sock, host=self.address)
+
 
 @dataclass(frozen=True)
 class Tunnel:
@@ -62,6 +68,10 @@ class Tunnel:
     control_path: str = ""
     remote_socket: str = ""  # forward to this remote Unix socket instead of remote_port
     remote_host: str = ""  # forward to this address as seen from HOST ("": its 127.0.0.1)
+
+    @property
+    def target(self) -> Target:
+        return Target(port=self.remote_port, socket=self.remote_socket, host=self.remote_host)
 
 
 @dataclass(frozen=True)

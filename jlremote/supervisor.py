@@ -181,14 +181,7 @@ def run(name: str, wait: float) -> int:
             t = session.tunnel
             try:
                 new = tunnel.open_tunnel(
-                    cfg,
-                    session.host,
-                    session_id,
-                    t.local_port,
-                    t.remote_port,
-                    logfile,
-                    t.remote_socket,
-                    t.remote_host,
+                    cfg, session.host, session_id, t.local_port, t.target, logfile
                 )
             except JlremoteError as exc:
                 log.info("attempt %d failed: %s", st.attempts, exc.message)

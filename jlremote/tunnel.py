@@ -113,15 +113,11 @@ def add_forward(
     host: str,
     master: Tunnel,
     local_port: int,
-    remote_port: int,
-    remote_socket: str = "",
-    remote_host: str = "",
+    target: ssh.Target,
 ) -> Tunnel:
-    """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to REMOTE."""
+    """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to TARGET."""
     done = proc.run(
-        ssh.forward_argv(
-            cfg, host, master.control_path, local_port, remote_port, remote_socket, remote_host
-        ),
+        ssh.forward_argv(cfg, host, master.control_path, local_port, target),
         timeout=15,
         what="adding the forward",
     )
@@ -136,9 +132,9 @@ def add_forward(
     return replace(
         master,
         local_port=local_port,
-        remote_port=remote_port,
-        remote_socket=remote_socket,
-        remote_host=remote_host,
+        remote_port=target.port,
+        remote_socket=target.socket,
+        remote_host=target.host,
     )
 
 
@@ -147,15 +143,13 @@ def open_tunnel(
     host: str,
     session_id: str,
     local_port: int,
-    remote_port: int,
+    target: ssh.Target,
     log_path: Path,
-    remote_socket: str = "",
-    remote_host: str = "",
 ) -> Tunnel:
     """The tunnel's own connection plus its forward, in one go."""
     master = start_master(cfg, host, session_id, log_path)
     try:
-        return add_forward(cfg, host, master, local_port, remote_port, remote_socket, remote_host)
+        return add_forward(cfg, host, master, local_port, target)
     except BaseException:
         close_tunnel(master)
         raise

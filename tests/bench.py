@@ -46,6 +46,17 @@ def http_ok(url: str, token: str | None = None) -> bool:
         return False
 
 
+def serving(runtime_dir: Path, address: str) -> bool:
+    """Does the bare server whose runtime file is in RUNTIME_DIR answer on ADDRESS?"""
+    for f in runtime_dir.glob("jpserver-*.json"):
+        try:
+            port = json.loads(f.read_text())["port"]
+        except (ValueError, KeyError):
+            return False  # still being written
+        return http_ok(f"http://{address}:{port}/api/status", "bench")
+    return False
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -113,17 +124,7 @@ class Bench:
             Path(self.bed.workdir) / "bare.log",
         )
         try:
-
-            def ready() -> bool:
-                for f in rt.glob("jpserver-*.json"):
-                    try:
-                        port = json.loads(f.read_text())["port"]
-                    except (ValueError, KeyError):
-                        return False
-                    return http_ok(f"http://{self.bed.remote_ip}:{port}/api/status", "bench")
-                return False
-
-            wait_until(ready, 60, "bare jupyter", interval=0.02)
+            wait_until(lambda: serving(rt, self.bed.remote_ip), 60, "bare jupyter", interval=0.02)
             return time.perf_counter() - t
         finally:
             os.killpg(p.pid, signal.SIGTERM)
@@ -252,17 +253,9 @@ class Bench:
         )  # fmt: skip
         job = out.stdout.strip().split(";")[0]
         try:
-
-            def ready() -> bool:
-                for f in rt.glob("jpserver-*.json"):
-                    try:
-                        port = json.loads(f.read_text())["port"]
-                    except (ValueError, KeyError):
-                        return False
-                    return http_ok(f"http://{cluster.address}:{port}/api/status", "bench")
-                return False
-
-            wait_until(ready, 120, "the bare job's server", interval=0.02)
+            wait_until(
+                lambda: serving(rt, cluster.address), 120, "the bare job's server", interval=0.02
+            )
             return time.perf_counter() - t
         finally:
             cluster.run("scancel", job)

@@ -81,7 +81,7 @@ def test_tunnel_argv() -> None:
         "--",
         "gpubox",
     ]
-    assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9000, 34567) == [
+    assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9000, ssh.Target(34567)) == [
         "/usr/bin/ssh",
         "-o",
         "ControlPath=/run/jl/tun-ab",

@@ -130,9 +130,15 @@ def test_parse_poll_output() -> None:
 
 
 def test_forward_to_a_compute_node_through_the_login_host() -> None:
-    assert ssh.forward_spec(8888, 40123, "", "10.1.2.7") == "127.0.0.1:8888:10.1.2.7:40123"
-    assert ssh.forward_spec(8888, 40123, "", "fd00::7") == "127.0.0.1:8888:[fd00::7]:40123"
-    assert ssh.forward_spec(8888, 40123) == "127.0.0.1:8888:127.0.0.1:40123"
+    node = ssh.Target(port=40123, host="10.1.2.7")
+    assert ssh.forward_spec(8888, node) == "127.0.0.1:8888:10.1.2.7:40123"
+    v6 = ssh.Target(port=40123, host="fd00::7")
+    assert ssh.forward_spec(8888, v6) == "127.0.0.1:8888:[fd00::7]:40123"
+    assert ssh.forward_spec(8888, ssh.Target(40123)) == "127.0.0.1:8888:127.0.0.1:40123"
+    sock = ssh.Target(socket="/home/u/.jlremote/sessions/ab/jupyter.sock")
+    assert (
+        ssh.forward_spec(8888, sock) == "127.0.0.1:8888:/home/u/.jlremote/sessions/ab/jupyter.sock"
+    )
 
 
 def test_job_probe_and_stop_check_job_id_and_comment() -> None:

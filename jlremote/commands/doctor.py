@@ -291,15 +291,15 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
     remote_port, remote_sock = int(words[1]), words[2]
     logfile = ensure_private_dir(state_dir() / "logs") / f"doctor-{probe_id}.log"
     master = None
+    tcp_ok = sock_ok = False
     try:
         master = tunnel.start_master(cfg, host, probe_id, logfile)
         tcp_port = tunnel.pick_free_port()
-        master = tunnel.add_forward(cfg, host, master, tcp_port, remote_port)
+        master = tunnel.add_forward(cfg, host, master, tcp_port, ssh.Target(port=remote_port))
         tcp_ok = _greeted(tcp_port)
         sock_port = tunnel.pick_free_port()
-        sock_ok = False
         with contextlib.suppress(JlremoteError):
-            tunnel.add_forward(cfg, host, master, sock_port, 0, remote_sock)
+            tunnel.add_forward(cfg, host, master, sock_port, ssh.Target(socket=remote_sock))
             sock_ok = _greeted(sock_port)
     except JlremoteError as exc:
         add(Check("tcp-forward", "fail", exc.message, "see `ssh -v`"), exc.code)
@@ -307,10 +307,11 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
     finally:
         if master is not None:
             tunnel.close_tunnel(master)
-        with contextlib.suppress(JlremoteError):
-            run_script(
-                cfg, host, scripts.forward_probe_cleanup(probe_id), timeout=20, what="cleaning up"
-            )
+        if not (tcp_ok and sock_ok):  # greeted twice, the listener has gone by itself
+            with contextlib.suppress(JlremoteError):
+                run_script(
+                    cfg, host, scripts.forward_probe_cleanup(probe_id), timeout=20, what="cleanup"
+                )
         with contextlib.suppress(FileNotFoundError):
             logfile.unlink()
     if tcp_ok:

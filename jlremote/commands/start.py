@@ -241,14 +241,7 @@ def _open_and_verify(
 ) -> Tunnel:
     logfile = _tunnel_log(session.name)
     t = tunnel.open_tunnel(
-        cfg,
-        host,
-        session.server.session_id,
-        local_port,
-        session.server.port,
-        logfile,
-        session.server.sock,
-        session.server.address,
+        cfg, host, session.server.session_id, local_port, session.server.target, logfile
     )
     try:
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
@@ -388,8 +381,7 @@ def _fresh_with(
     logfile = _tunnel_log(name)
     server: RemoteServer | None = None
     master: Tunnel | None = None
-    sup_pid: int | None = None
-    sup_created: float | None = None
+    sup: tuple[int | None, float | None] = (None, None)  # the supervisor: PID, create time
     try:
         # Authenticate once (this may prompt), then overlap: the server starts through the
         # shared connection while the tunnel's own connection is being made.
@@ -405,7 +397,7 @@ def _fresh_with(
             finally:
                 # Whatever happened, own the master and the supervisor so that they can go.
                 if pending.exception() is None:
-                    master, (sup_pid, sup_created) = pending.result()
+                    master, sup = pending.result()
         server = launched.server
         if master is None:
             raise pending.exception() or AssertionError("no tunnel master")
@@ -419,15 +411,15 @@ def _fresh_with(
             tunnel.close_tunnel(master)
             master = None
             master = tunnel.open_tunnel(
-                cfg, host, found.session_id, local_port, found.port, logfile, found.sock
+                cfg, host, found.session_id, local_port, found.target, logfile
             )
         else:
             found = server
             log.debug("server pid %d listens on remote port %d", found.pid, found.port)
-            master = tunnel.add_forward(cfg, host, master, local_port, found.port, found.sock)
+            master = tunnel.add_forward(cfg, host, master, local_port, found.target)
         session = _verify_and_record(
             store,
-            _new_session(opts, name, host, token, found, master, (sup_pid, sup_created)),
+            _new_session(opts, name, host, token, found, master, sup),
             opts,
             min(opts.wait, 30.0),
             logfile,
@@ -437,7 +429,7 @@ def _fresh_with(
         stop_remote = None
         if server is not None:
             stop_remote = functools.partial(remote.stop, cfg, host, remote.identity(server), 5)
-        _undo(cfg, store, name, host, (sup_pid, sup_created), master, stop_remote)
+        _undo(cfg, store, name, host, sup, master, stop_remote)
         raise
     return _result(
         session, reused=False, reopened=False, attached=launched.attached_token is not None
@@ -464,8 +456,7 @@ def _fresh_slurm(
     logfile = _tunnel_log(name)
     job_id = ""
     master: Tunnel | None = None
-    sup_pid: int | None = None
-    sup_created: float | None = None
+    sup: tuple[int | None, float | None] = (None, None)
     try:
         opts.progress(f"connecting to {host}")
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
@@ -473,9 +464,7 @@ def _fresh_slurm(
         job_id, session_dir = remote.submit(cfg, host, job, token)
         log.info("submitted job %s on %s", job_id, host)
         # While the job waits in the queue: the tunnel's own connection to the login host.
-        master, (sup_pid, sup_created) = _master_and_helpers(
-            cfg, host, spec.session_id, logfile, name, opts.wait + 60
-        )
+        master, sup = _master_and_helpers(cfg, host, spec.session_id, logfile, name, opts.wait + 60)
         state = slurm.JobState("PENDING")
         ask_at = 0.0
         while True:
@@ -522,14 +511,14 @@ def _fresh_slurm(
         )
         opts.progress(f"forwarding to {server.node}:{server.port} through {host}")
         local_port = opts.local_port or tunnel.pick_free_port()
-        master = tunnel.add_forward(cfg, host, master, local_port, server.port, "", address)
-        session = _new_session(opts, name, host, token, server, master, (sup_pid, sup_created))
+        master = tunnel.add_forward(cfg, host, master, local_port, server.target)
+        session = _new_session(opts, name, host, token, server, master, sup)
         wait = max(5.0, min(30.0, deadline - time.monotonic()))
         _verify_and_record(store, session, opts, wait, logfile)
     except BaseException:
         cancel = None
         if job_id:
             cancel = functools.partial(remote.cancel_job, cfg, host, spec.session_id, job_id)
-        _undo(cfg, store, name, host, (sup_pid, sup_created), master, cancel)
+        _undo(cfg, store, name, host, sup, master, cancel)
         raise
     return _result(session, reused=False, reopened=False)
