@@ -16,6 +16,7 @@ import typer
 
 from jlremote import __version__
 from jlremote.errors import ExitCode, JlremoteError
+from jlremote.terminal import clean
 
 log = logging.getLogger("jlremote")
 
@@ -57,9 +58,10 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: JlremoteError) -> typer.Exit:
-    typer.echo(f"jlremote: error: {exc.message}", err=True)
+    # Messages and details quote the remote's words (its stderr, a server log): cleaned.
+    typer.echo(f"jlremote: error: {clean(exc.message)}", err=True)
     if exc.detail:
-        typer.echo(exc.detail.rstrip("\n"), err=True)
+        typer.echo(clean(exc.detail.rstrip("\n")), err=True)
     log.debug("exit code %d", int(exc.code), exc_info=exc)
     return typer.Exit(int(exc.code))
 
@@ -86,7 +88,7 @@ def _print_json(data: Any) -> None:
 
 def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """Aligned columns; the last one is not padded (URLs are long)."""
-    table = [header, *rows]
+    table = [header, *[tuple(clean(c) for c in row) for row in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
@@ -573,7 +575,7 @@ def logs(
         _print_json(result.to_json())
     else:
         for line in result.lines:
-            typer.echo(line)
+            typer.echo(clean(line))
 
 
 @app.command("open")

@@ -10,6 +10,9 @@ import logging
 import shlex
 import signal
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +83,10 @@ def run(
     )
 
 
-def spawn_detached(argv: list[str], log_path: Path) -> int:
+def spawn_detached(argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
     """Start `argv` in a session of its own (no terminal, immune to the terminal's hang-up
-    and Ctrl-C), stdin from /dev/null, output appended to `log_path`; returns its PID."""
+    and Ctrl-C), stdin from /dev/null, output appended to `log_path`, in the directory
+    `cwd` (default: ours); returns its PID."""
     log.debug("spawn: %s", shlex.join(argv))
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
@@ -92,14 +96,16 @@ def spawn_detached(argv: list[str], log_path: Path) -> int:
             stderr=out,
             start_new_session=True,
             close_fds=True,
+            cwd=cwd,
         )
     return child.pid
 
 
-def stream(argv: list[str]) -> int:
-    """Run `argv` with its output going straight to ours (for `logs -f`), until it ends or
-    the user presses Ctrl-C; returns its exit code (130 after Ctrl-C). Its stdin is a pipe
-    held open until then: closing it tells the far end that we are gone."""
+def stream(argv: list[str], clean: Callable[[str], str]) -> int:
+    """Run `argv`, passing each line of its output through CLEAN to our stdout (for
+    `logs -f`: the remote's text, made safe for a terminal), until it ends or the user
+    presses Ctrl-C; returns its exit code (130 after Ctrl-C). Its stdin is a pipe held open
+    until then: closing it tells the far end that we are gone."""
     log.debug("stream: %s", shlex.join(argv))
 
     def on_term(_sig: int, _frame: object) -> None:
@@ -107,21 +113,35 @@ def stream(argv: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     except FileNotFoundError:
         signal.signal(signal.SIGTERM, previous)
         raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
+    interrupted = False
     try:
-        return child.wait()
+        assert child.stdout is not None
+        for raw in iter(child.stdout.readline, b""):
+            sys.stdout.write(clean(raw.decode(errors="replace").rstrip("\n")) + "\n")
+            sys.stdout.flush()
+        rc = child.wait()
+        if rc != 0:
+            # A Ctrl-C sent to the process group may end ssh (255) before Python runs its
+            # handler: give it the moment it needs, so that Ctrl-C always means 130.
+            time.sleep(0.05)
+        return rc
     except KeyboardInterrupt:
-        child.terminate()
-        try:
-            child.wait(5)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        interrupted = True
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
         if child.stdin is not None:
             child.stdin.close()
+        if interrupted and child.stdout is not None:
+            child.stdout.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jlremote import proc, scripts, slurm, ssh
 from jlremote.errors import ExitCode, JlremoteError
-from jlremote.state import RemoteServer
+from jlremote.state import RemoteServer, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,51 @@ def run_script(
     if done.returncode == 255:
         raise ssh.explain_failure(host, done.stderr)
     return done
+
+
+def run_via_master(
+    cfg: ssh.SshConfig, host: str, path: str, script: str, what: str
+) -> proc.Completed:
+    """run_script through the tunnel's own master at PATH (no login of its own)."""
+    argv = ssh.via_master_argv(cfg, host, path, scripts.wrap(script))
+    done = proc.run(argv, timeout=cfg.connect_timeout + 15, what=what)
+    if done.returncode == 255:
+        raise ssh.explain_failure(host, done.stderr)
+    return done
+
+
+def needs_proof(server: RemoteServer) -> bool:
+    """Whether a forward to SERVER could reach somebody else once it has died: a TCP port
+    (on the remote's loopback, or a job's node), not a Unix socket in a private directory."""
+    return not server.sock
+
+
+def prove_serving(cfg: ssh.SshConfig, host: str, server: RemoteServer, path: str) -> None:
+    """Before a forward to SERVER's TCP port is (re)opened through the master at PATH:
+    the recorded process must still be alive and hold that port (for a job: the job,
+    whose own process the server is, must still run with our comment). Otherwise another
+    user may be listening there: raise (ExitCode.SERVER), so nothing is forwarded to it."""
+    if not needs_proof(server):
+        return
+    done = run_via_master(
+        cfg, host, path, scripts.probe_script([identity(server)]), f"checking {host}"
+    )
+    state = scripts.parse_probe_output(done.stdout).get(server.session_id)
+    if done.returncode != 0 or state is None:
+        raise JlremoteError(f"could not check the server on {host}", ExitCode.CONNECT)
+    if state != "running":
+        raise JlremoteError(
+            f"the server on {host} is gone (its port is no longer its own)", ExitCode.SERVER
+        )
+
+
+def proof_of(
+    cfg: ssh.SshConfig, host: str, server: RemoteServer
+) -> Callable[[Tunnel], None] | None:
+    """What a (re-)opened tunnel must check before it forwards to SERVER (None: nothing)."""
+    if not needs_proof(server):
+        return None
+    return lambda master: prove_serving(cfg, host, server, master.control_path)
 
 
 def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
@@ -143,8 +189,14 @@ def _identity(session_id: str, report: scripts.LaunchReport) -> scripts.ServerId
 
 def identity(server: RemoteServer) -> scripts.ServerIdentity:
     """What proves a remote process is this server."""
+    tcp = not server.sock and not server.job_id
     return scripts.ServerIdentity(
-        server.session_id, server.pid, server.started, server.cmdline, server.job_id
+        server.session_id,
+        server.pid,
+        server.started,
+        server.cmdline,
+        server.job_id,
+        port=server.port if tcp else 0,
     )
 
 
@@ -201,7 +253,7 @@ def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tup
         key, _, value = line.partition(" ")
         reported[key] = value
     job_id = reported.get("JLREMOTE-JOB", "").strip()
-    if job_id.isdigit():
+    if scripts.is_job_id(job_id):
         return job_id, reported.get("JLREMOTE-DIR", "").strip()
     raise JlremoteError(
         f"sbatch on {host} did not report a job id", ExitCode.SERVER, detail=done.stdout

@@ -29,15 +29,26 @@ RC_NO_ENTRY = 86
 RC_NOT_FOUND = 127
 
 SESSIONS_ROOT = '"$HOME"/.jlremote/sessions'
-_SESSION_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_SESSION_ID = re.compile(r"[0-9a-f]{8,64}")
+_JOB_ID = re.compile(r"[0-9]+")
 LOG_TAIL_LINES = 15
 
 
 def session_dir_expr(session_id: str) -> str:
     """Shell expression of a session's private directory on the remote."""
-    if not _SESSION_ID.match(session_id):
+    if not is_session_id(session_id):
         raise ValueError(f"bad session id {session_id!r}")
     return f"{SESSIONS_ROOT}/{session_id}"
+
+
+def is_session_id(text: str) -> bool:
+    """Whether TEXT (read back from the remote, say) is a whole session id and no more."""
+    return _SESSION_ID.fullmatch(text) is not None
+
+
+def is_job_id(text: str) -> bool:
+    """Whether TEXT is a whole Slurm job id (ASCII digits, no newline, no sign)."""
+    return _JOB_ID.fullmatch(text) is not None
 
 
 def wrap(script: str) -> str:
@@ -85,12 +96,19 @@ class LaunchSpec:
 
 
 SOCKET_NAME = "jupyter.sock"
+# Kernels talk to the server over Unix sockets in the server's private runtime directory,
+# never over TCP ports of the remote's loopback, where any user could subscribe to them.
+KERNEL_OPTIONS = ("--KernelManager.transport=ipc",)
+# A kernel's sockets are RUNTIME/kernel-<uuid>-ipc-<n>: 51 bytes after the directory, and a
+# Unix socket address holds 107. A session directory longer than this (a deep home) gets a
+# short private runtime directory of its own instead (named in the session's `run` file).
+MAX_RUNTIME_DIR = 56
 
 
 def jupyter_argv(spec: LaunchSpec) -> list[str]:
     """The server's own argv (no token: that travels in the environment). In socket mode
     the launch script adds `--sock=<session dir>/jupyter.sock`."""
-    argv = [spec.jupyter, spec.subcommand, "--no-browser"]
+    argv = [spec.jupyter, spec.subcommand, "--no-browser", *KERNEL_OPTIONS]
     if spec.transport == "tcp":
         # --port=0: the kernel picks a free port; the server reports it in jpserver-<pid>.json.
         argv += ["--ip=127.0.0.1", f"--port={spec.port if spec.port is not None else 0}"]
@@ -103,7 +121,7 @@ def _fail(code: int, message_expr: str, *, tail_log: bool = False) -> str:
     parts = [f"printf '%s\\n' {message_expr} >&2"]
     if tail_log:
         parts.append(f'tail -n {LOG_TAIL_LINES} "$d/server.log" >&2 2>/dev/null')
-    parts += ['rm -rf "$d"', f"exit {code}"]
+    parts += ['drop_entry "$d"', f"exit {code}"]
     return "{ " + "; ".join(parts) + "; }"
 
 
@@ -120,7 +138,7 @@ def launch_script(spec: LaunchSpec) -> str:
     wait_s = math.ceil(spec.timeout) + 1
     server = " ".join(q(a) for a in jupyter_argv(spec))
     if spec.transport == "socket":
-        server += f' --sock="$d"/{SOCKET_NAME}'
+        server += f' --sock="$rt"/{SOCKET_NAME}'
     lines = [
         "umask 077",
         _IDENTITY_CHECK.rstrip("\n"),
@@ -136,21 +154,27 @@ def launch_script(spec: LaunchSpec) -> str:
         )
     lines += [
         f"d={d}",
+        'rt="$d"',
         "child=",
         # Whatever goes wrong after launch, the half-started server and its files go too.
         'end_child() { [ -n "$child" ] || return 0; kill "$child" 2>/dev/null; j=0; '
         'while kill -0 "$child" 2>/dev/null && [ "$j" -lt 50 ]; do sleep 0.1; j=$((j+1)); done; '
         'kill -9 "$child" 2>/dev/null; }',
-        'abort() { trap - PIPE HUP INT TERM; end_child; rm -rf "$d"; exit 1; }',
+        'abort() { trap - PIPE HUP INT TERM; end_child; drop_entry "$d"; exit 1; }',
         "trap abort PIPE HUP INT TERM",
         f'mkdir -p {SESSIONS_ROOT} && chmod 700 "$HOME"/.jlremote {SESSIONS_ROOT} && mkdir "$d" '
         "|| { echo 'jlremote: cannot create the session directory' >&2; "
         f"exit {RC_SESSION_DIR}; }}",
-        f"IFS= read -r JUPYTER_TOKEN || {_fail(RC_NO_TOKEN, q('jlremote: no token on stdin'))}",
-        "export JUPYTER_TOKEN",
-        # A 0600 copy (umask 077) for attaching from another client; printf is a builtin.
-        """printf '%s\\n' "$JUPYTER_TOKEN" > "$d/token\"""",
-        'export JUPYTER_RUNTIME_DIR="$d"',
+        f"if [ ${{#d}} -gt {MAX_RUNTIME_DIR} ]; then "
+        'rt=$(mktemp -d /tmp/jlremote-XXXXXXXX) && printf \'%s\\n\' "$rt" > "$d/run" || '
+        + _fail(RC_SESSION_DIR, q("jlremote: cannot create a private directory in /tmp"))
+        + "; fi",
+        f"IFS= read -r t || {_fail(RC_NO_TOKEN, q('jlremote: no token on stdin'))}",
+        # The server reads its token from this 0600 file (umask 077; printf is a builtin):
+        # it is not in the environment that kernels and terminals inherit.
+        """printf '%s' "$t" > "$d/token"; t=""",
+        "unset JUPYTER_TOKEN",
+        'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"',
         f"printf '%s\\n' {q(spec.name)} > \"$d/name\"",
         f"printf '%s\\n' {spec.subcommand} > \"$d/kind\"",
     ]
@@ -179,7 +203,7 @@ def launch_script(spec: LaunchSpec) -> str:
         f"deadline=$(( $(date +%s) + {wait_s} ))",
         "f=",
         "while :; do",
-        '  for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
+        '  for c in "$rt"/jpserver-*.json "$rt"/nbserver-*.json; do',
         # The file is written in pieces: a closing brace in column 0 means it is complete.
         '    if [ -f "$c" ] && grep -q "^}" "$c"; then f=$c; break; fi',
         "  done",
@@ -244,7 +268,12 @@ def parse_list_output(stdout: str) -> list[LaunchReport]:
             chunks.append([])
         if chunks:
             chunks[-1].append(line)
-    return [parse_launch_output("\n".join(chunk)) for chunk in chunks]
+    # An id read back from the remote names files and sockets here: whole ids only.
+    return [
+        parse_launch_output("\n".join(chunk))
+        for chunk in chunks
+        if is_session_id(chunk[0].removeprefix("JLREMOTE-ENTRY "))
+    ]
 
 
 def split_info(stdout: str) -> tuple[list[str], list[str] | None]:
@@ -275,7 +304,10 @@ def parse_launch_output(stdout: str) -> LaunchReport:
         if line.startswith("JLREMOTE-") and " " in line:
             key, _, value = line.partition(" ")
             fields[key] = value
+    entry = fields.get("JLREMOTE-ENTRY", "")
     try:
+        if entry and not is_session_id(entry):
+            raise ValueError(f"bad session id {entry!r}")
         data = json.loads("\n".join(info))
         return LaunchReport(
             pid=int(fields["JLREMOTE-PID"]),
@@ -286,7 +318,7 @@ def parse_launch_output(stdout: str) -> LaunchReport:
             base_url=str(data.get("base_url") or "/"),
             version=str(data.get("version", "")),
             sock=str(data.get("sock") or ""),
-            session_id=fields.get("JLREMOTE-ENTRY", ""),
+            session_id=entry,
             name=fields.get("JLREMOTE-NAME", ""),
             kind=fields.get("JLREMOTE-KIND", ""),
             token=str(data.get("token") or ""),
@@ -308,6 +340,9 @@ class ServerIdentity:
     started: str
     cmdline: str
     job_id: str = ""
+    # A TCP server's port: the server must also hold its listening socket (0: a Unix
+    # socket in a private directory, or a job, which nobody else can take over).
+    port: int = 0
 
 
 _IDENTITY_CHECK = (
@@ -317,6 +352,31 @@ _IDENTITY_CHECK = (
     '  case "$(ps -o stat= -p "$1")" in Z*) return 1;; esac\n'
     '  [ "$(TZ=UTC LC_ALL=C ps -o lstart= -p "$1")" = "$2" ] || return 2\n'
     '  [ "$(ps -ww -o args= -p "$1")" = "$3" ] || return 2\n'
+    "}\n"
+)
+
+
+# The session directory may name (in its `run` file) a short runtime directory elsewhere:
+# the server's runtime JSON, its socket and its kernels' sockets are there.
+_SESSION_FILES = (
+    'rundir() { if [ -f "$1/run" ]; then cat "$1/run"; else printf \'%s\\n\' "$1"; fi; }\n'
+    'drop_entry() { r=$(rundir "$1"); [ "$r" = "$1" ] || rm -rf "$r"; rm -rf "$1"; }\n'
+)
+
+# owns_port PID PORT: does PID hold the listening TCP socket on PORT? (Linux: its fds
+# against /proc/net/tcp*; elsewhere lsof.) What a process of another user listening on a
+# dead server's port cannot fake.
+_OWNS_PORT = (
+    "owns_port() {\n"
+    "  if [ -r /proc/net/tcp ]; then\n"
+    "    h=$(printf ':%04X' \"$2\")\n"
+    '    for i in $(awk -v h="$h" \'$4 == "0A" && substr($2, length($2) - 4) == h '
+    "{ print $10 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do\n"
+    '      ls -l "/proc/$1/fd" 2>/dev/null | grep -q "socket:\\[$i\\]" && return 0\n'
+    "    done\n"
+    "    return 1\n"
+    "  fi\n"
+    '  lsof -nP -a -p "$1" -iTCP:"$2" -sTCP:LISTEN >/dev/null 2>&1\n'
     "}\n"
 )
 
@@ -355,7 +415,7 @@ JOB_STATE = (
 
 def check_job_id(job_id: str) -> str:
     """A job id goes into scripts only if it is all digits."""
-    if not job_id.isdigit():
+    if not is_job_id(job_id):
         raise ValueError(f"bad job id {job_id!r}")
     return job_id
 
@@ -369,9 +429,10 @@ def job_comment(session_id: str) -> str:
 # server.start, server.args and the server's runtime JSON (0600, token included).
 _REGISTRY = (
     JOB_STATE
+    + _SESSION_FILES
     + r"""report_entry() {
-  e=$1; f=
-  for c in "$e"/jpserver-*.json "$e"/nbserver-*.json; do
+  e=$1; f=; r=$(rundir "$e")
+  for c in "$r"/jpserver-*.json "$r"/nbserver-*.json "$e"/jpserver-*.json; do
     if [ -f "$c" ]; then f=$c; break; fi
   done
   [ -n "$f" ] || return 1
@@ -401,7 +462,7 @@ scan() {
       # goes once Slurm says the job has ended (never when squeue cannot tell).
       command -v squeue >/dev/null 2>&1 || continue
       js=$(job_state "$(cat "$e/job.id")") || continue
-      case "${js%%|*}" in ACTIVE_STATES) ;; *) rm -rf "$e";; esac
+      case "${js%%|*}" in ACTIVE_STATES) ;; *) drop_entry "$e";; esac
       continue
     fi
     [ -f "$e/server.pid" ] || continue
@@ -411,7 +472,7 @@ scan() {
       elif [ "$(cat "$e/name" 2>/dev/null)" = "$1" ]; then report_entry "$e" && return 0
       fi
     else
-      rm -rf "$e"
+      drop_entry "$e"
     fi
   done
 }
@@ -430,9 +491,12 @@ def probe_script(servers: list[ServerIdentity]) -> str:
 
     `foreign` means the PID is alive but is another process now (PID reuse).
     """
-    lines = [_IDENTITY_CHECK.rstrip("\n")]
+    lines = [_IDENTITY_CHECK.rstrip("\n"), _OWNS_PORT.rstrip("\n")]
     lines.append(
-        'probe() { is_ours "$2" "$3" "$4"; case $? in '
+        # With a port (a TCP server), the port must still be the server's own: once it has
+        # died, another user may listen there, and answer anything.
+        'probe() { is_ours "$2" "$3" "$4"; r=$?; '
+        'if [ "$r" = 0 ] && [ "$5" != 0 ] && ! owns_port "$2" "$5"; then r=1; fi; case $r in '
         "0) s=running;; 1) s=gone;; *) s=foreign;; esac; "
         'printf \'JLREMOTE-PROBE %s %s\\n\' "$1" "$s"; }'
     )
@@ -453,7 +517,10 @@ def probe_script(servers: list[ServerIdentity]) -> str:
             job = check_job_id(srv.job_id)
             lines.append(f"probe_job {q(srv.session_id)} {job} {q(job_comment(srv.session_id))}")
         else:
-            lines.append(f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)}")
+            lines.append(
+                f"probe {q(srv.session_id)} {srv.pid:d} {q(srv.started)} {q(srv.cmdline)} "
+                f"{srv.port:d}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -487,6 +554,7 @@ def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
         return _stop_job_script(server, d, ticks)
     lines = [
         _IDENTITY_CHECK.rstrip("\n"),
+        _SESSION_FILES.rstrip("\n"),
         f"d={d}",
         f"p={server.pid:d}; st={q(server.started)}; ar={q(server.cmdline)}",
         'is_ours "$p" "$st" "$ar"; r=$?',
@@ -497,7 +565,7 @@ def stop_script(server: ServerIdentity, grace: float = 10.0) -> str:
         f'  while is_ours "$p" "$st" "$ar" && [ "$i" -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done',
         '  if is_ours "$p" "$st" "$ar"; then kill -KILL "$p"; state=killed; fi',
         "fi",
-        'rm -rf "$d"',
+        'drop_entry "$d"',
         """printf 'JLREMOTE-STOP %s\\n' "$state\"""",
     ]
     return "\n".join(lines) + "\n"
@@ -649,7 +717,7 @@ def forward_probe_script(probe_id: str, env: str | None) -> str:
     """Start _GREETER (with the remote's python3, after --env) in a private directory and
     print `JLREMOTE-FWD PORT SOCKET`, or `JLREMOTE-FWD -` when there is no python3."""
     d = f'"$HOME"/.jlremote/doctor-{q(probe_id)}'
-    if not _SESSION_ID.match(probe_id):
+    if not is_session_id(probe_id):
         raise ValueError(f"bad probe id {probe_id!r}")
     lines = ["umask 077"]
     if env:
@@ -657,6 +725,8 @@ def forward_probe_script(probe_id: str, env: str | None) -> str:
     lines += [
         "py=$(command -v python3 || command -v python) || { echo 'JLREMOTE-FWD -'; exit 0; }",
         f'd={d}; mkdir -p "$HOME"/.jlremote && chmod 700 "$HOME"/.jlremote && mkdir "$d" || exit 1',
+        # In its private directory: `-c` puts the working directory on the import path.
+        'cd "$d" || exit 1',
         f'setsid nohup "$py" -c {q(_GREETER)} "$d" </dev/null >/dev/null 2>&1 &',
         """printf '%s\\n' "$!" > "$d/pid\"""",
         'i=0; while [ ! -s "$d/port" ] && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i+1)); done',
@@ -694,7 +764,7 @@ def log_script(session_id: str, lines: int, follow: bool) -> str:
 def forward_probe_cleanup(probe_id: str) -> str:
     """Stop the greeter of forward_probe_script if it still waits (a forward that did not
     work never reached it): only the process whose command line names its directory."""
-    if not _SESSION_ID.match(probe_id):
+    if not is_session_id(probe_id):
         raise ValueError(f"bad probe id {probe_id!r}")
     d = f'"$HOME"/.jlremote/doctor-{probe_id}'
     return (

@@ -43,7 +43,7 @@ def parse_sbatch_options(text: str) -> tuple[str, ...]:
         raise JlremoteError(f"cannot parse --sbatch {text!r}: {exc}", ExitCode.USAGE) from None
     for i, word in enumerate(words):
         name = word.split("=", 1)[0]
-        if name in _OWN_OPTIONS or (len(name) > 2 and name[:2] in ("-o", "-e") and name[1] != "-"):
+        if _is_own_option(name):
             raise JlremoteError(
                 f"--sbatch may not set {name}: jlremote writes the job script and sets the "
                 "job's output file and comment itself",
@@ -55,6 +55,18 @@ def parse_sbatch_options(text: str) -> tuple[str, ...]:
                 ExitCode.USAGE,
             )
     return tuple(words)
+
+
+def _is_own_option(name: str) -> bool:
+    """NAME is one of ours, `-oFILE`/`-eFILE`, or a prefix of one of our long options,
+    which sbatch (getopt_long) takes for the whole option: `--out=x`, `--comm=x`."""
+    if name in _OWN_OPTIONS or (len(name) > 2 and name[:2] in ("-o", "-e")):
+        return True
+    return (
+        name.startswith("--")
+        and len(name) > 2
+        and any(own.startswith(name) for own in _OWN_OPTIONS if own.startswith("--"))
+    )
 
 
 def partition_of(words: tuple[str, ...]) -> str | None:
@@ -118,7 +130,7 @@ def job_script(spec: scripts.LaunchSpec) -> str:
     It holds no secret (admins and `scontrol` can read job scripts): the token is read from
     the 0600 file the submit script left in the session directory.
     """
-    argv = [spec.jupyter, spec.subcommand, "--no-browser"]
+    argv = [spec.jupyter, spec.subcommand, "--no-browser", *scripts.KERNEL_OPTIONS]
     if spec.allow_root:
         argv.append("--allow-root")
     server = " ".join(q(a) for a in argv)
@@ -127,10 +139,16 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         "#!/bin/bash",
         f"# jlremote: JupyterLab for session {spec.name} ({spec.session_id}).",
         "umask 077",
-        'd=$1; cd "$HOME" || exit 1',
-        f"JUPYTER_TOKEN=$(cat \"$d/token\") || {{ {say}'no token in the session directory'; "
+        'd=$1; rt=$d; cd "$HOME" || exit 1',
+        f"[ -s \"$d/token\" ] || {{ {say}'no token in the session directory'; "
         f"exit {scripts.RC_NO_TOKEN}; }}",
-        'export JUPYTER_TOKEN JUPYTER_RUNTIME_DIR="$d"',
+        # Kernel sockets must fit a Unix socket address: a deep home gets a short private
+        # directory on the node (see scripts.MAX_RUNTIME_DIR).
+        f"if [ ${{#d}} -gt {scripts.MAX_RUNTIME_DIR} ]; then "
+        "rt=$(mktemp -d /tmp/jlremote-XXXXXXXX) || exit 1; fi",
+        # The token from its 0600 file, not the environment kernels inherit.
+        "unset JUPYTER_TOKEN",
+        'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"',
     ]
     if spec.env:
         lines.append(
@@ -153,6 +171,11 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
         '[ -n "$addr" ] || addr=$(hostname)',
         """printf '%s %s\\n' "$node" "$addr" > "$d/node\"""",
+        # The login host reads the server's runtime file on the shared home: copy it there
+        # from a node-local runtime directory ($$ is the server once exec'd).
+        'if [ "$rt" != "$d" ]; then ( while kill -0 $$ 2>/dev/null; do '
+        'for c in "$rt"/jpserver-*.json; do if [ -f "$c" ] && grep -q "^}" "$c"; then '
+        'cp "$c" "$d"/ && exit 0; fi; done; sleep 0.1; done ) & fi',
         # exec: the server is the job's own process, so scancel signals it directly.
         f'exec {server} --ip="$addr" --port=0',
     ]
@@ -180,7 +203,7 @@ def submit_script(job: JobSpec) -> str:
         f'{scripts.SESSIONS_ROOT} && mkdir "$d" '
         f"|| {{ {say}'cannot create the session directory' >&2; exit {scripts.RC_SESSION_DIR}; }}",
         f"IFS= read -r t || {{ {say}'no token on stdin' >&2; {fail} {scripts.RC_NO_TOKEN}; }}",
-        """printf '%s\\n' "$t" > "$d/token"; t=""",
+        """printf '%s' "$t" > "$d/token"; t=""",
         f"printf '%s\\n' {q(spec.name)} > \"$d/name\"",
         f"printf '%s\\n' {spec.subcommand} > \"$d/kind\"",
         f"printf '%s' {q(job_script(spec))} > \"$d/job.sh\"",

@@ -58,11 +58,28 @@ def check_host(host: str) -> str:
     return host
 
 
+# Every connection of ours leaves out what the user's config asks for their own sessions:
+# their forwardings (a `LocalForward 8888 ...` to a busy port would fail ours), and agent
+# and X11 forwarding, which a connection that lives for days must not carry.
+PRIVATE_OPTIONS = (
+    "-o", "ClearAllForwardings=yes",
+    "-o", "ForwardAgent=no",
+    "-o", "ForwardX11=no",
+)  # fmt: skip
+
+
 def _base(cfg: SshConfig) -> list[str]:
     argv = [cfg.binary]
     if cfg.config_file:
         argv += ["-F", cfg.config_file]
     return argv
+
+
+def _mux_client(cfg: SshConfig, path: str) -> list[str]:
+    """ssh talking to the master at PATH only. No configuration file: a `-O forward`
+    client would send the config's forwardings along with ours (ClearAllForwardings would
+    clear ours too), and a master needs nothing else from it."""
+    return [cfg.binary, "-F", "/dev/null", "-o", f"ControlPath={path}"]
 
 
 def control_path(cfg: SshConfig) -> str | None:
@@ -74,7 +91,7 @@ def command_argv(cfg: SshConfig, host: str, command: str) -> list[str]:
     """`ssh HOST -- COMMAND` for a short remote command: no pty (a pty would kill a server
     on hang-up). It shares a connection through jlremote's own ControlMaster (kept 30 s),
     never the user's and never the tunnel's, so no command can take a listener with it."""
-    argv = [*_base(cfg), "-T", "-o", f"ConnectTimeout={cfg.connect_timeout}"]
+    argv = [*_base(cfg), "-T", *PRIVATE_OPTIONS, "-o", f"ConnectTimeout={cfg.connect_timeout}"]
     path = control_path(cfg)
     if path:
         argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", "ControlPersist=30"]
@@ -115,6 +132,7 @@ def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> l
     return [
         *_base(cfg),
         "-f", "-N", "-T", "-E", log_file,
+        *PRIVATE_OPTIONS,
         "-o", "ControlMaster=yes",
         "-o", f"ControlPath={path}",
         "-o", "ControlPersist=no",
@@ -132,9 +150,7 @@ def forward_argv(
 ) -> list[str]:
     """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
     spec = forward_spec(local_port, target)
-    return [
-        *_base(cfg), "-o", f"ControlPath={path}", "-O", "forward", "-L", spec, "--", host,
-    ]  # fmt: skip
+    return [*_mux_client(cfg, path), "-O", "forward", "-L", spec, "--", host]
 
 
 def version_argv(cfg: SshConfig) -> list[str]:
@@ -151,7 +167,7 @@ def probe_connect_argv(cfg: SshConfig, host: str) -> list[str]:
     """A fresh connection that may not prompt (BatchMode) and shares nothing, so that it
     really tests reaching and authenticating to HOST, and how long that takes."""
     return [
-        *_base(cfg), "-T",
+        *_base(cfg), "-T", *PRIVATE_OPTIONS,
         "-o", "BatchMode=yes",
         "-o", "ControlMaster=no",
         "-o", "ControlPath=none",
@@ -162,7 +178,20 @@ def probe_connect_argv(cfg: SshConfig, host: str) -> list[str]:
 
 def check_master_argv(cfg: SshConfig, host: str, path: str) -> list[str]:
     """`ssh -O check`: prints `Master running (pid=N)` when the master at PATH is up."""
-    return [*_base(cfg), "-o", f"ControlPath={path}", "-O", "check", "--", host]
+    return [*_mux_client(cfg, path), "-O", "check", "--", host]
+
+
+def via_master_argv(cfg: SshConfig, host: str, path: str, command: str) -> list[str]:
+    """`ssh HOST -- COMMAND` through the tunnel's own master at PATH: no new login. Should
+    that master be gone, the fresh connection ssh falls back to may not prompt."""
+    return [
+        *_base(cfg), "-T", *PRIVATE_OPTIONS,
+        "-o", "ControlMaster=no",
+        "-o", f"ControlPath={path}",
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={cfg.connect_timeout}",
+        "--", host, command,
+    ]  # fmt: skip
 
 
 _PATTERNS: list[tuple[str, ExitCode, str]] = [

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jlremote import proc, ssh, tunnel
+from jlremote import proc, remote, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
@@ -71,10 +70,12 @@ def _write_status(name: str, st: SupervisorStatus) -> None:
 
 
 def argv_for(name: str, wait: float) -> list[str]:
-    """How `start` launches the supervisor of session NAME: at a lower CPU priority, as it
-    starts while the user waits for a server (which may boot on this very machine)."""
-    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
-    return [*nice, sys.executable, "-m", MODULE, name, f"{wait:g}"]
+    """How `start` launches the supervisor of session NAME. `-m` would put the caller's
+    working directory first on the import path (a `jlremote/` folder there would run as
+    the user): -P leaves it out (Python 3.11+), and spawn() runs it in the private state
+    directory anyway. The supervisor lowers its own priority (main())."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", MODULE, name, f"{wait:g}"]
 
 
 def spawn(name: str, wait: float = 30.0) -> tuple[int, float]:
@@ -84,7 +85,9 @@ def spawn(name: str, wait: float = 30.0) -> tuple[int, float]:
     import psutil
 
     logs = ensure_private_dir(state_dir() / "logs")
-    pid = proc.spawn_detached(argv_for(name, wait), logs / f"{name}.supervisor.log")
+    pid = proc.spawn_detached(
+        argv_for(name, wait), logs / f"{name}.supervisor.log", cwd=ensure_private_dir(state_dir())
+    )
     return pid, psutil.Process(pid).create_time()
 
 
@@ -101,13 +104,9 @@ def _process(name: str, pid: int | None, created: float | None) -> Any:
 
     try:
         p = psutil.Process(pid)
-        if abs(p.create_time() - created) > 0.01:
+        if abs(p.create_time() - created) > 0.01 or p.uids().real != os.getuid():
             return None
-        # Right after spawn the process may be between `nice` and Python's exec, when its
-        # command line reads as empty for a moment: look again rather than disown it.
-        deadline = time.monotonic() + 1.0
-        while not (cmd := p.cmdline()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        cmd = p.cmdline()
         if MODULE not in cmd or name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
             return None
         return p
@@ -181,11 +180,18 @@ def run(name: str, wait: float) -> int:
             t = session.tunnel
             try:
                 new = tunnel.open_tunnel(
-                    cfg, session.host, session_id, t.local_port, t.target, logfile
+                    cfg,
+                    session.host,
+                    session_id,
+                    t.local_port,
+                    t.target,
+                    logfile,
+                    check=remote.proof_of(cfg, session.host, session.server),
                 )
             except JlremoteError as exc:
                 log.info("attempt %d failed: %s", st.attempts, exc.message)
-                if exc.code == ExitCode.AUTH:
+                # Neither a refused login nor a server that has gone heals by retrying.
+                if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
                     _write_status(
                         name, SupervisorStatus("failed", st.attempts, exc.message, time.time())
                     )
@@ -214,6 +220,8 @@ def run(name: str, wait: float) -> int:
 
 
 def main() -> None:
+    # It starts while the user waits for a server (which may boot on this very machine).
+    os.nice(10)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sys.exit(run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 30.0))
 

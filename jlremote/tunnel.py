@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,10 +146,14 @@ def open_tunnel(
     local_port: int,
     target: ssh.Target,
     log_path: Path,
+    check: Callable[[Tunnel], None] | None = None,
 ) -> Tunnel:
-    """The tunnel's own connection plus its forward, in one go."""
+    """The tunnel's own connection plus its forward, in one go. CHECK runs through the
+    new connection before anything listens (it raises to stop the forward)."""
     master = start_master(cfg, host, session_id, log_path)
     try:
+        if check is not None:
+            check(master)
         return add_forward(cfg, host, master, local_port, target)
     except BaseException:
         close_tunnel(master)
@@ -163,7 +168,7 @@ def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
 
     try:
         p = psutil.Process(tunnel.pid)
-        if abs(p.create_time() - tunnel.create_time) > 0.01:
+        if abs(p.create_time() - tunnel.create_time) > 0.01 or p.uids().real != os.getuid():
             return None
         if not any(tunnel.control_path in arg for arg in p.cmdline()):
             return None
@@ -189,6 +194,9 @@ def terminate(p: psutil.Process, grace: float) -> None:
         try:
             sig()
         except psutil.NoSuchProcess:
+            return
+        except psutil.AccessDenied:  # not ours after all: never a reason to crash
+            log.warning("not allowed to signal process %d; left it alone", p.pid)
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
@@ -217,12 +225,15 @@ def _kill_masters(control_path: str, grace: float) -> None:
     import psutil
 
     marker = f"ControlPath={control_path}"
-    for q in psutil.process_iter(["cmdline"]):
+    me = os.getuid()
+    for q in psutil.process_iter(["cmdline", "uids"]):
         try:
             cmd = q.info["cmdline"] or []
+            # Only a process of ours: another user's, whatever its argv says, is not.
+            mine = q.info["uids"] is not None and q.info["uids"].real == me
         except psutil.Error:
             continue
-        if marker in cmd and "-N" in cmd:
+        if mine and marker in cmd and "-N" in cmd:
             terminate(q, grace)
 
 

@@ -22,6 +22,12 @@ def test_command_argv() -> None:
         "/usr/bin/ssh",
         "-T",
         "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "ForwardX11=no",
+        "-o",
         "ConnectTimeout=7",
         "--",
         "gpubox",
@@ -31,6 +37,12 @@ def test_command_argv() -> None:
     assert ssh.command_argv(CFG_CM, "gpubox", "true") == [
         "/usr/bin/ssh",
         "-T",
+        "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "ForwardX11=no",
         "-o",
         "ConnectTimeout=7",
         "-o",
@@ -63,6 +75,12 @@ def test_tunnel_argv() -> None:
         "-E",
         "/s/t.log",
         "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "ForwardX11=no",
+        "-o",
         "ControlMaster=yes",
         "-o",
         "ControlPath=/run/jl/tun-ab",
@@ -83,6 +101,8 @@ def test_tunnel_argv() -> None:
     ]
     assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9000, ssh.Target(34567)) == [
         "/usr/bin/ssh",
+        "-F",
+        "/dev/null",
         "-o",
         "ControlPath=/run/jl/tun-ab",
         "-O",
@@ -94,6 +114,8 @@ def test_tunnel_argv() -> None:
     ]
     assert ssh.check_master_argv(CFG, "gpubox", "/run/jl/tun-ab") == [
         "/usr/bin/ssh",
+        "-F",
+        "/dev/null",
         "-o",
         "ControlPath=/run/jl/tun-ab",
         "-O",
@@ -153,12 +175,21 @@ def test_jupyter_argv() -> None:
         "jupyter",
         "lab",
         "--no-browser",
+        "--KernelManager.transport=ipc",
         "--ip=127.0.0.1",
         "--port=0",
     ]
     assert scripts.jupyter_argv(
         LaunchSpec("ab" * 8, notebook=True, port=8888, jupyter="/opt/j", allow_root=True)
-    ) == ["/opt/j", "notebook", "--no-browser", "--ip=127.0.0.1", "--port=8888", "--allow-root"]
+    ) == [
+        "/opt/j",
+        "notebook",
+        "--no-browser",
+        "--KernelManager.transport=ipc",
+        "--ip=127.0.0.1",
+        "--port=8888",
+        "--allow-root",
+    ]
 
 
 def _sh_value(expr: str, home: str) -> str:
@@ -195,8 +226,14 @@ def test_launch_script_quotes_and_never_holds_the_token() -> None:
         timeout=12,
     )
     text = scripts.launch_script(spec)
-    assert "IFS= read -r JUPYTER_TOKEN" in text  # from stdin
-    assert "'/x y/jupyter' lab --no-browser --ip=127.0.0.1 --port=0" in text
+    assert "IFS= read -r t " in text  # from stdin
+    # ... into a 0600 file the server reads, not into the environment kernels inherit
+    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in text
+    assert "unset JUPYTER_TOKEN\n" in text
+    assert (
+        "'/x y/jupyter' lab --no-browser --KernelManager.transport=ipc --ip=127.0.0.1 --port=0"
+        in text
+    )
     assert "\"$HOME\"/'it'\"'\"'s here'" in text
     assert "source ~/venv/bin/activate" in text
     assert "deadline=$(( $(date +%s) + 13 ))" in text  # 12 s, never early
@@ -205,8 +242,64 @@ def test_launch_script_quotes_and_never_holds_the_token() -> None:
 
 
 def test_bad_session_ids_are_refused() -> None:
-    with pytest.raises(ValueError):
-        scripts.session_dir_expr("../../etc")
+    for bad in ("../../etc", "0123456789abcdef\n", "0123456789abcdef\nrm", ""):
+        with pytest.raises(ValueError):
+            scripts.session_dir_expr(bad)
+    for bad in ("12\n", "١٢", "+12", "12 ", ""):
+        assert not scripts.is_job_id(bad)
+        with pytest.raises(ValueError):
+            scripts.check_job_id(bad)
+    assert scripts.is_job_id("4711")
+
+
+def test_registry_entries_with_bad_ids_are_ignored() -> None:
+    entry = (
+        "JLREMOTE-ENTRY {}\nJLREMOTE-PID 1\nJLREMOTE-START x\nJLREMOTE-ARGS y\n"
+        'JLREMOTE-DIR /d\nJLREMOTE-INFO\n{{"port": 0}}\nJLREMOTE-END\n'
+    )
+    good = entry.format("0123456789abcdef")
+    out = scripts.parse_list_output(good + entry.format("0123456789abcdef/../x"))
+    assert [r.session_id for r in out] == ["0123456789abcdef"]
+
+
+def test_mux_clients_read_no_config_and_masters_take_no_user_forwardings() -> None:
+    # A `-O forward` client sends the config's LocalForwards too: it reads no config.
+    assert ssh.forward_argv(CFG_F, "h", "/run/jl/t", 5000, ssh.Target(port=8888)) == [
+        "/usr/bin/ssh",
+        "-F",
+        "/dev/null",
+        "-o",
+        "ControlPath=/run/jl/t",
+        "-O",
+        "forward",
+        "-L",
+        "127.0.0.1:5000:127.0.0.1:8888",
+        "--",
+        "h",
+    ]
+    assert ssh.via_master_argv(CFG_F, "h", "/run/jl/t", "true") == [
+        "/usr/bin/ssh",
+        "-F",
+        "/tmp/cfg",
+        "-T",
+        "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "ForwardX11=no",
+        "-o",
+        "ControlMaster=no",
+        "-o",
+        "ControlPath=/run/jl/t",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=7",
+        "--",
+        "h",
+        "true",
+    ]
 
 
 def test_wrap_runs_the_script_verbatim() -> None:

@@ -24,6 +24,9 @@ SID = "0123456789abcdef"
         # Quoting is the user's shell-like quoting; a value with a space stays one word.
         ("-J 'my job; rm -rf ~'", ("-J", "my job; rm -rf ~")),
         ("--constraint='a&b'", ("--constraint=a&b",)),
+        # options that only share a first letter with ours are the user's
+        ("--export=ALL --exclude=n1", ("--export=ALL", "--exclude=n1")),
+        ("--partition=gpu", ("--partition=gpu",)),
     ],
 )
 def test_sbatch_options_become_separate_words(text: str, words: tuple[str, ...]) -> None:
@@ -38,6 +41,12 @@ def test_sbatch_options_become_separate_words(text: str, words: tuple[str, ...])
         ("-oout.log", "may not set -oout.log"),
         ("--output=x", "may not set --output"),
         ("--comment x", "may not set --comment"),
+        # sbatch takes a unique prefix of a long option for the option itself
+        ("--out=x", "may not set --out"),
+        ("--comm=x", "may not set --comm"),
+        ("--pars", "may not set --pars"),
+        ("--err x", "may not set --err"),
+        ("--wra=hostname", "may not set --wra"),
         ("job.sh", "options only, not 'job.sh'"),
         ("--exclusive job.sh", "options only, not 'job.sh'"),
         ("-p 'unterminated", "cannot parse --sbatch"),
@@ -58,10 +67,12 @@ def test_job_script_serves_on_the_node_address_and_holds_no_token() -> None:
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     assert lines[-1] == (
-        "exec '/opt/j b/jupyter' notebook --no-browser --allow-root --ip=\"$addr\" --port=0"
+        "exec '/opt/j b/jupyter' notebook --no-browser --KernelManager.transport=ipc "
+        '--allow-root --ip="$addr" --port=0'
     )
-    assert 'JUPYTER_TOKEN=$(cat "$d/token")' in text
-    assert 'export JUPYTER_TOKEN JUPYTER_RUNTIME_DIR="$d"' in text
+    # The token stays in its 0600 file: not in the environment kernels inherit.
+    assert "unset JUPYTER_TOKEN" in lines
+    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in lines
     assert "umask 077" in lines
 
 

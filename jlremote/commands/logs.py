@@ -9,6 +9,7 @@ from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import LogResult, OpenResult
 from jlremote.state import StateStore
+from jlremote.terminal import clean
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def follow(name: str | None, lines: int = 50) -> int:
     session = StateStore(state_dir()).pick(name)
     cfg = ssh.SshConfig.from_environment()
     script = scripts.log_script(session.server.session_id, lines, follow=True)
-    rc = proc.stream(ssh.command_argv(cfg, session.host, scripts.wrap(script)))
+    rc = proc.stream(ssh.command_argv(cfg, session.host, scripts.wrap(script)), clean)
     if rc == scripts.RC_NO_ENTRY:
         raise JlremoteError(
             f"{session.name}: the server log is gone (the session has ended)", ExitCode.NO_SESSION

@@ -22,7 +22,7 @@ from jlremote.state import RemoteServer, Session, StateStore, Tunnel
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}")
 
 # Seconds `start` waits by default: for the server to come up, and with --slurm also for
 # the job to leave the queue.
@@ -86,7 +86,7 @@ def launch_options(opts: StartOptions) -> str:
 
 def check_name(name: str) -> str:
     """Session names go into file names and tables: keep them plain."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise JlremoteError(
             f"not a valid session name: {name!r} (letters, digits and ._@:+- only)",
             ExitCode.USAGE,
@@ -169,10 +169,20 @@ def _reuse(
 ) -> StartResult | None:
     """Same URL for a live session (re-opening its tunnel if needed); None if it is gone.
 
-    Our token answering through the tunnel proves the far end is still our server, so the
-    usual path needs no remote command at all.
+    Through a Unix socket in the session's private directory, our token answering proves
+    the far end is still our server, so the usual path needs no remote command at all. A
+    TCP port is proven first to still be the server's own (through the tunnel's own
+    connection): another user may listen on a dead server's port and answer anything.
     """
     alive = tunnel.tunnel_process(session.tunnel) is not None
+    if alive and remote.needs_proof(session.server):
+        try:
+            remote.prove_serving(cfg, session.host, session.server, session.tunnel.control_path)
+        except JlremoteError as exc:
+            if exc.code != ExitCode.SERVER:
+                raise
+            _forget_gone(cfg, store, session)
+            return None
     if (
         alive
         and tunnel.api_status(
@@ -207,17 +217,26 @@ def _reuse(
         state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
         if state.get(session.server.session_id) == "running":
             raise
-        log.info("the server of session %s is gone; starting a new one", session.name)
-        # Its session directory is garbage now; stop_script removes it (and kills nothing).
-        remote.stop(cfg, session.host, remote.identity(session.server), grace=0)
-        with store.transaction() as sessions:
-            sessions.pop(session.name, None)
+        _forget_gone(cfg, store, session)
         return None
     session = replace(session, tunnel=new_tunnel)
     with store.transaction() as sessions:
         sessions[session.name] = session
     session = _supervise(store, session)
     return _result(session, reused=True, reopened=True)
+
+
+def _forget_gone(cfg: ssh.SshConfig, store: StateStore, session: Session) -> None:
+    """The session's server is gone: its supervisor, tunnel, remote directory and record
+    go too (so that `start` starts a new one)."""
+    log.info("the server of session %s is gone; starting a new one", session.name)
+    supervisor.stop(session)
+    tunnel.close_tunnel(session.tunnel)
+    # Its session directory is garbage now; stop_script removes it (the recorded process,
+    # if it still lives, is ours: it goes too).
+    remote.stop(cfg, session.host, remote.identity(session.server), grace=0)
+    with store.transaction() as sessions:
+        sessions.pop(session.name, None)
 
 
 def _supervise(store: StateStore, session: Session) -> Session:
@@ -241,7 +260,13 @@ def _open_and_verify(
 ) -> Tunnel:
     logfile = _tunnel_log(session.name)
     t = tunnel.open_tunnel(
-        cfg, host, session.server.session_id, local_port, session.server.target, logfile
+        cfg,
+        host,
+        session.server.session_id,
+        local_port,
+        session.server.target,
+        logfile,
+        check=remote.proof_of(cfg, host, session.server),
     )
     try:
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
@@ -411,7 +436,13 @@ def _fresh_with(
             tunnel.close_tunnel(master)
             master = None
             master = tunnel.open_tunnel(
-                cfg, host, found.session_id, local_port, found.target, logfile
+                cfg,
+                host,
+                found.session_id,
+                local_port,
+                found.target,
+                logfile,
+                check=remote.proof_of(cfg, host, found),
             )
         else:
             found = server

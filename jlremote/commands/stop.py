@@ -6,7 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from jlremote import remote, ssh, supervisor, tunnel
+from jlremote import browser, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import StopResult
@@ -82,6 +82,7 @@ def _stop_one(
             )
         with contextlib.suppress(FileNotFoundError):
             supervisor.status_path(name).unlink()
+        browser.remove_page(name)
         with store.transaction() as sessions:
             sessions.pop(name, None)
             last_on_host = not any(s.host == session.host for s in sessions.values())
