@@ -52,6 +52,10 @@ class StatusRow:
     node: str = ""
     job_state: str = ""  # e.g. RUNNING, CANCELLED; "" when not known or not a job
     time_left: str = ""  # squeue's %L, e.g. 3:59:58 or UNLIMITED
+    # Who besides the user can connect to the server (the token still guards it):
+    # private (a 0600 Unix socket), host (users of the remote host: its 127.0.0.1),
+    # cluster (users of the cluster: a job's server on its node's address).
+    exposure: str = "private"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

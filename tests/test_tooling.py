@@ -238,6 +238,10 @@ def test_open_hands_a_private_page_to_browser(jl: Jl, testbed: Testbed, tmp_path
     down = jl("open", env=env)
     assert down.rc == 10 and not record.exists()
     assert_one_error_line(down.stderr, "tunnel of session 'remote' is down", "jlremote start")
+    # The page holds the token: it goes with the session.
+    assert page.exists()
+    assert jl("stop", ALIAS).rc == 0
+    assert not page.exists()
 
 
 def run_under_pty(jl: Jl, *args: str) -> tuple[int, str, str]:

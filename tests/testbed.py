@@ -89,6 +89,10 @@ class Testbed:
     nosock_pid: int = 0
     # Another unprivileged user on the remote (root only), for privacy checks.
     other_user: str = ""
+    # A user whose home directory is 100 characters long (root only), as on clusters.
+    deep_user: str = ""
+    # A local port that the `remote-fwd` alias's own LocalForward asks for (a test holds it).
+    busy_port: int = 0
 
     def __post_init__(self) -> None:
         self.killed_argv: dict[int, str] = {}  # what kill_local_ssh killed, for messages
@@ -112,6 +116,10 @@ class Testbed:
         return pwd.getpwnam(self.user).pw_dir
 
     # ---- running things "on the remote" -------------------------------------------------
+    @property
+    def deep_home(self) -> str:
+        return pwd.getpwnam(self.deep_user).pw_dir if self.deep_user else ""
+
     def remote_argv(self, argv: list[str], user: str | None = None) -> list[str]:
         """argv run as the remote user (or USER) inside the remote's network namespace."""
         if self.netns is None:
@@ -130,13 +138,16 @@ class Testbed:
             check=False,
         )
 
-    def remote_popen(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def remote_popen(
+        self, argv: list[str], log: Path, user: str | None = None
+    ) -> subprocess.Popen[bytes]:
         out = open(log, "wb")  # noqa: SIM115 - owned by the child
+        home = pwd.getpwnam(user).pw_dir if user else self.home
         env = dict(
-            os.environ, HOME=self.home, PATH=f"{self.remote_venv}/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            os.environ, HOME=home, PATH=f"{self.remote_venv}/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         )
         return subprocess.Popen(
-            self.remote_argv(argv),
+            self.remote_argv(argv, user),
             stdout=out,
             stderr=out,
             stdin=subprocess.DEVNULL,
@@ -146,14 +157,15 @@ class Testbed:
         )
 
     def remote_pids(self) -> list[int]:
-        """PIDs of every process the remote user runs, except sshd's own."""
+        """PIDs of every process the remote users (ours and the deep-home one) run, except
+        sshd's own."""
         pids = []
-        uid = pwd.getpwnam(self.user).pw_uid
+        uids = {pwd.getpwnam(u).pw_uid for u in (self.user, self.deep_user) if u}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                if entry.stat().st_uid != uid:
+                if entry.stat().st_uid not in uids:
                     continue
                 cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -207,11 +219,17 @@ class Testbed:
                 _run(["usermod", "-p", "*", bed.user])
                 bed.other_user = f"jlo{tag}"
                 _run(["useradd", "-m", "-s", "/bin/sh", bed.other_user])
+                bed.deep_user = f"jld{tag}"
+                deep = bed._deep_home_path(tag)
+                Path(deep).parent.mkdir(mode=0o755, parents=True)
+                _run(["useradd", "-m", "-d", deep, "-s", "/bin/bash", bed.deep_user])
+                _run(["usermod", "-p", "*", bed.deep_user])
                 bed.nosock_port = 2222
             else:
                 bed.user = pwd.getpwuid(os.getuid()).pw_name
                 bed.port = _free_port()
                 bed.nosock_port = _free_port()
+            bed.busy_port = _free_port()
             bed._write_keys_and_configs()
             bed.sshd_pid = bed._spawn_sshd("sshd_config", bed.port)
             bed.nosock_pid = bed._spawn_sshd("sshd_config_nosock", bed.nosock_port)
@@ -220,6 +238,13 @@ class Testbed:
             raise
         bed.save()
         return bed
+
+    @staticmethod
+    def _deep_home_path(tag: str) -> str:
+        """/home/jldTAG-gpfs/projects/.../home/jldTAG, 100 characters in all."""
+        top = f"/home/jld{tag}-gpfs/projects/group-abc123/"
+        tail = f"/home/jld{tag}"
+        return top + "p" * (100 - len(top) - len(tail)) + tail
 
     def _make_namespace(self, tag: str) -> None:
         used = _run(["ip", "-o", "addr"]).stdout
@@ -247,8 +272,9 @@ class Testbed:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(w / key)])
         keys = w / "authorized_keys"
         keys.mkdir(mode=0o755, exist_ok=True)
-        (keys / self.user).write_text((w / "client_key.pub").read_text())
-        os.chmod(keys / self.user, 0o644)
+        for user in filter(None, (self.user, self.deep_user)):
+            (keys / user).write_text((w / "client_key.pub").read_text())
+            os.chmod(keys / user, 0o644)
         pub = (w / "host_key.pub").read_text().split()
         wrong = (w / "wrong_host_key.pub").read_text().split()
         name = self.remote_ip if self.port == 22 else f"[{self.remote_ip}]:{self.port}"
@@ -267,7 +293,8 @@ class Testbed:
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
                 f"AllowTcpForwarding yes\nAllowStreamLocalForwarding {streamlocal}\n"
-                f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user}\nLogLevel VERBOSE\n"
+                f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user} {self.deep_user}\n"
+                "LogLevel VERBOSE\nAllowAgentForwarding yes\n"
                 # SLURM_CONF: the test cluster's (tests/slurmbed.py), if one is started.
                 f"SetEnv PATH={path} SLURM_CONF={w}/slurm/slurm.conf\n"
                 "MaxStartups 100\nMaxSessions 100\n"
@@ -294,7 +321,17 @@ class Testbed:
             f"  UserKnownHostsFile {w}/known_hosts_wrong\n{common}"
             f"Host noauth\n  HostName {self.remote_ip}\n  Port {self.port}\n"
             f"  IdentityFile {w}/other_key\n{common}"
+            # The user's own forwardings for the host: a LocalForward to a port that is
+            # busy, and agent forwarding (jlremote's connections must take neither).
+            f"Host {ALIAS}-fwd\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
+            f"  LocalForward 127.0.0.1:{self.busy_port} 127.0.0.1:22\n  ForwardAgent yes\n"
+            f"{common}"
         )
+        if self.deep_user:
+            (w / "ssh_config").open("a").write(
+                f"Host {ALIAS}-deep\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
+                + common.replace(f"User {self.user}", f"User {self.deep_user}")
+            )
 
     def _spawn_sshd(self, conf: str, port: int) -> int:
         w = Path(self.workdir)
@@ -387,6 +424,11 @@ class Testbed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _run(["userdel", "-r", "-f", self.user], check=False)
+        if self.deep_user:
+            deep_top = Path(self._deep_home_path(self.deep_user[3:])).parents[4]
+            _run(["pkill", "-KILL", "-u", self.deep_user], check=False)
+            _run(["userdel", "-r", "-f", self.deep_user], check=False)
+            shutil.rmtree(deep_top, ignore_errors=True)
         if self.other_user:
             _run(["pkill", "-KILL", "-u", self.other_user], check=False)
             _run(["userdel", "-r", "-f", self.other_user], check=False)

@@ -9,7 +9,7 @@ from jlremote import remote, slurm, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
-from jlremote.state import Session, StateStore
+from jlremote.state import RemoteServer, Session, StateStore
 
 Probed = tuple[dict[str, str], dict[str, slurm.JobState]]
 
@@ -89,6 +89,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 error=error,
                 uptime_s=round(now - s.created, 1),
                 transport="socket" if s.server.sock else "tcp",
+                exposure=exposure(s.server),
                 tunnel_attempts=report.attempts if report and state != "up" else 0,
                 tunnel_error=report.last_error if report and state != "up" else None,
                 last_activity=activity,
@@ -119,3 +120,10 @@ def remote_status(host: str) -> list[RemoteRow]:
         )
         for e in entries
     ]
+
+
+def exposure(server: RemoteServer) -> str:
+    """Who besides the user can connect to SERVER: `private`, `host` or `cluster`."""
+    if server.sock:
+        return "private"
+    return "cluster" if server.job_id else "host"

@@ -1,0 +1,173 @@
+"""Driving a kernel of a session the way JupyterLab does: REST to make, interrupt and
+restart it, the kernel websocket to run a cell. And an eavesdropper: another user of the
+remote who subscribes to every TCP port and Unix socket it can find there."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import websocket
+
+from tests.conftest import api, token_of
+
+
+def _post(url: str, path: str, body: bytes = b"{}") -> dict:  # type: ignore[type-arg]
+    import urllib.request
+
+    req = urllib.request.Request(api(url, path), data=body, method="POST")
+    req.add_header("Authorization", f"token {token_of(url)}")
+    req.add_header("Content-Type", "application/json")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=60) as resp:
+        text = resp.read().decode() or "{}"
+        return json.loads(text)  # type: ignore[no-any-return]
+
+
+def new_kernel(url: str) -> str:
+    return str(_post(url, "api/kernels")["id"])
+
+
+def interrupt(url: str, kernel: str) -> None:
+    _post(url, f"api/kernels/{kernel}/interrupt")
+
+
+def restart(url: str, kernel: str) -> None:
+    _post(url, f"api/kernels/{kernel}/restart")
+
+
+@dataclass
+class Reply:
+    status: str = ""  # of execute_reply: ok | error
+    ename: str = ""
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+class Cell:
+    """One execute_request over the kernel's websocket, as JupyterLab sends it."""
+
+    def __init__(self, url: str, kernel: str, code: str) -> None:
+        ws_url = api(url, f"api/kernels/{kernel}/channels").replace("http://", "ws://", 1)
+        self.ws = websocket.create_connection(
+            ws_url, timeout=60, header=[f"Authorization: token {token_of(url)}"]
+        )
+        self.msg_id = uuid.uuid4().hex
+        header = {
+            "msg_id": self.msg_id,
+            "username": "test",
+            "session": uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "version": "5.3",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        content = {
+            "code": code,
+            "silent": False,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        }
+        self.ws.send(
+            json.dumps(
+                {
+                    "header": header,
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": content,
+                    "channel": "shell",
+                    "buffers": [],
+                }
+            )
+        )
+
+    def wait(self, timeout: float = 60) -> Reply:
+        """Collect the cell's output until its execute_reply and the kernel's idle."""
+        reply = Reply()
+        idle = False
+        deadline = time.monotonic() + timeout
+        try:
+            while not (idle and reply.status):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no reply within {timeout}s: {reply}")
+                self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+                msg = json.loads(self.ws.recv())
+                if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+                    continue
+                kind = msg["header"]["msg_type"]
+                content = msg["content"]
+                if kind == "stream":
+                    reply.output.append(content["text"])
+                elif kind == "error":
+                    reply.ename = content["ename"]
+                elif kind == "execute_reply":
+                    reply.status = content["status"]
+                    reply.ename = reply.ename or content.get("ename", "")
+                elif kind == "status" and content["execution_state"] == "idle":
+                    idle = True
+        finally:
+            self.ws.close()
+        return reply
+
+
+def run_cell(url: str, kernel: str, code: str, timeout: float = 60) -> Reply:
+    return Cell(url, kernel, code).wait(timeout)
+
+
+# Run by another user on the remote with the remote's Python (it has pyzmq): subscribe to
+# every listening TCP port of the remote's loopback and every Unix socket under the usual
+# places, print READY, listen for SECONDS, then print what it saw as JSON.
+EAVESDROPPER = r"""
+import json, os, stat, sys, time
+import zmq
+secret, seconds = sys.argv[1].encode(), float(sys.argv[2])
+ctx = zmq.Context()
+ports, paths, socks = set(), [], []
+for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        rows = open(name).read().splitlines()[1:]
+    except OSError:
+        continue
+    for row in rows:
+        cols = row.split()
+        if cols[3] == "0A":
+            ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+for top in ("/tmp", "/home", "/run", "/var/tmp", "/dev/shm"):
+    for root, dirs, files in os.walk(top, onerror=lambda e: None):
+        for f in files:
+            p = os.path.join(root, f)
+            try:
+                if stat.S_ISSOCK(os.lstat(p).st_mode):
+                    paths.append(p)
+            except OSError:
+                pass
+for port in ports:
+    for host in ("127.0.0.1", "[::1]"):
+        s = ctx.socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b""); s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://{host}:{port}"); socks.append(s)
+for p in paths:
+    s = ctx.socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b""); s.setsockopt(zmq.LINGER, 0)
+    s.connect("ipc://" + p); socks.append(s)
+poller = zmq.Poller()
+for s in socks:
+    poller.register(s, zmq.POLLIN)
+print("READY", flush=True)
+frames, seen = 0, False
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for s, _ in poller.poll(100):
+        while True:
+            try:
+                parts = s.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            frames += 1
+            seen = seen or any(secret in part for part in parts)
+print(json.dumps({"ports": sorted(ports), "sockets": paths, "frames": frames, "seen": seen}))
+"""
