@@ -624,6 +624,7 @@ def doctor_script(env: str | None, jupyter: str, slurm: bool = False) -> str:
         ]
     lines += [
         """printf 'JLREMOTE-SHELL %s\\n' "${SHELL:-unknown}\"""",
+        """printf 'JLREMOTE-HOME %s\\n' "$HOME\"""",
         """printf 'JLREMOTE-OS %s\\n' "$(uname -sr 2>/dev/null)\"""",
         """printf 'JLREMOTE-DF %s\\n' "$(df -Pk "$HOME" 2>/dev/null | awk 'NR==2 {print $4}')\"""",
         _IDENTITY_CHECK.rstrip("\n"),
@@ -656,6 +657,7 @@ class DoctorReport:
     sessions: tuple[str, ...] = ()
     slurm_missing: tuple[str, ...] = ()  # of sbatch, squeue, scancel
     partitions: dict[str, str] | None = None  # name ("*" marks the default) -> up/down/...
+    home: str = ""
 
 
 def parse_doctor_output(stdout: str) -> DoctorReport:
@@ -681,6 +683,7 @@ def parse_doctor_output(stdout: str) -> DoctorReport:
     names = tuple(entry.name for entry in parse_list_output(stdout))
     return DoctorReport(
         shell=fields.get("JLREMOTE-SHELL", ""),
+        home=fields.get("JLREMOTE-HOME", ""),
         os=fields.get("JLREMOTE-OS", ""),
         free_kb=int(free) if free.isdigit() else None,
         env_failed="JLREMOTE-ENV-FAILED" in stdout.split(),

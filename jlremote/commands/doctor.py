@@ -111,15 +111,17 @@ def doctor(opts: DoctorOptions) -> DoctorResult:
     add(Check("connect", "ok", f"authenticated without a prompt in {took:.2f}s", seconds=took))
 
     try:
-        _remote_checks(cfg, host, opts, add)
-        _forward_checks(cfg, host, opts, add)
+        report = _remote_checks(cfg, host, opts, add)
+        _privacy_check(report, _forward_checks(cfg, host, opts, add), opts, add)
     finally:
         with contextlib.suppress(JlremoteError):
             release(cfg, host)
     return result()
 
 
-def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> None:
+def _remote_checks(
+    cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
+) -> scripts.DoctorReport:
     done = run_script(
         cfg,
         host,
@@ -205,6 +207,47 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
             required=False,
         )
     )
+    return report
+
+
+def _privacy_check(
+    report: scripts.DoctorReport, sock_ok: bool | None, opts: DoctorOptions, add: _Add
+) -> None:
+    """What other users of the host (and of the cluster) can reach of a session there."""
+    common = "kernels talk over Unix sockets in a 0700 directory, the token is in a 0600 file"
+    if len(report.home) + 36 > scripts.MAX_RUNTIME_DIR:
+        common += " (the home is too deep for socket paths: a 0700 directory in /tmp)"
+    if sock_ok:
+        add(
+            Check(
+                "privacy",
+                "ok",
+                f"no other user can connect: the server is on a 0600 Unix socket, {common}",
+                required=False,
+            )
+        )
+    else:
+        add(
+            Check(
+                "privacy",
+                "warn",
+                "other users of the host can connect to the server on its 127.0.0.1 (the "
+                f"token keeps them out; its port is proven to be the server's own); {common}",
+                "for a private socket: `AllowStreamLocalForwarding yes` in sshd_config",
+                required=False,
+            )
+        )
+    if opts.slurm:
+        add(
+            Check(
+                "privacy-slurm",
+                "warn",
+                "a job's server listens on its compute node's cluster address: every user of "
+                "the cluster can connect (the token keeps them out; plain HTTP between the "
+                f"login host and the node); {common}",
+                required=False,
+            )
+        )
 
 
 def _slurm_check(report: scripts.DoctorReport, opts: DoctorOptions, add: _Add) -> None:
@@ -265,7 +308,9 @@ def _greeted(port: int) -> bool:
         return False
 
 
-def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> None:
+def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> bool | None:
+    """The TCP and Unix-socket forwarding tests; whether the private transport works
+    (None: could not be tested)."""
     probe_id = secrets.token_hex(8)
     done = run_script(
         cfg,
@@ -287,7 +332,7 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
                     required=False,
                 )
             )
-        return
+        return None
     remote_port, remote_sock = int(words[1]), words[2]
     logfile = ensure_private_dir(state_dir() / "logs") / f"doctor-{probe_id}.log"
     master = None
@@ -303,7 +348,7 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
             sock_ok = _greeted(sock_port)
     except JlremoteError as exc:
         add(Check("tcp-forward", "fail", exc.message, "see `ssh -v`"), exc.code)
-        return
+        return None
     finally:
         if master is not None:
             tunnel.close_tunnel(master)
@@ -348,3 +393,4 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
             ),
             ExitCode.TUNNEL,
         )
+    return sock_ok
