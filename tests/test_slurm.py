@@ -181,6 +181,9 @@ def test_doctor_checks_what_slurm_needs(sjl: Jl, testbed: Testbed, cluster: Clus
     checks = {c["name"]: c for c in good.json()["checks"]}
     assert checks["slurm"]["status"] == "ok"
     assert "debug* (up), closed (down)" in checks["slurm"]["detail"]
+    # What a job's server is open to, said plainly.
+    assert checks["privacy-slurm"]["status"] == "warn"
+    assert "every user of the cluster can connect" in checks["privacy-slurm"]["detail"]
     bad = sjl("doctor", ALIAS, "--slurm", "--sbatch", "-p nosuch")
     assert bad.rc == 6 and "no partition 'nosuch'" in bad.stdout
     down = sjl("doctor", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--json")
@@ -213,3 +216,21 @@ def test_a_controller_that_does_not_answer_is_not_taken_for_an_ended_job(
     assert stop.rc == 0, stop.stderr
     assert cluster.jobs() == [] and not session_dir.exists()
     wait_until(lambda: not jupyter_pids(testbed), 15, "the job's server to exit")
+
+
+def test_kernels_in_a_job_talk_over_private_sockets(sjl: Jl, testbed: Testbed) -> None:
+    from tests.kernels import new_kernel, run_cell
+
+    r = sjl("start", ALIAS, "--slurm")
+    assert r.rc == 0, r.stderr
+    kernel = new_kernel(r.url)
+    code = (
+        "import os\n"
+        f"print(any({token_of(r.url)!r} in v for v in os.environ.values()), os.getpid())\n"
+    )
+    assert run_cell(r.url, kernel, code).text.startswith("False ")
+    run_dir = Path(sjl.sessions()[ALIAS]["server"]["session_dir"])
+    files = [json.loads(p.read_text()) for p in run_dir.glob("kernel-*.json")]
+    assert [f["transport"] for f in files] == ["ipc"]
+    status = sjl("status", "--json").json()
+    assert status[0]["exposure"] == "cluster"

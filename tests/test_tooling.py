@@ -122,9 +122,11 @@ def test_doctor_passes_on_a_good_host_and_explains_failures(jl: Jl, testbed: Tes
     checks = {c["name"]: c for c in data["checks"]}
     assert list(checks) == [
         "ssh", "resolve", "connect", "shell", "jupyter", "disk", "sessions",
-        "tcp-forward", "socket-forward",
+        "tcp-forward", "socket-forward", "privacy",
     ]  # fmt: skip
     assert all(c["status"] == "ok" for c in checks.values()), checks
+    assert "no other user can connect" in checks["privacy"]["detail"]
+    assert "kernels talk over Unix sockets" in checks["privacy"]["detail"]
     assert "jupyter_server 2." in checks["jupyter"]["detail"]
     assert "jupyterlab 4." in checks["jupyter"]["detail"]
     assert checks["connect"]["seconds"] > 0
@@ -137,6 +139,9 @@ def test_doctor_passes_on_a_good_host_and_explains_failures(jl: Jl, testbed: Tes
     checks = {c["name"]: c for c in nosock.json()["checks"]}
     assert checks["socket-forward"]["status"] == "warn"
     assert "AllowStreamLocalForwarding" in checks["socket-forward"]["fix"]
+    # What is private there and what is not, in one line.
+    assert checks["privacy"]["status"] == "warn"
+    assert "other users of the host can connect" in checks["privacy"]["detail"]
 
     noauth = jl("doctor", "noauth")
     assert noauth.rc == 5
@@ -323,8 +328,8 @@ def test_completion_of_sessions_and_hosts(jl: Jl, testbed: Testbed) -> None:
     for command in ("stop", "logs", "open", "status"):
         assert complete(f"jlremote {command} a") == ["alpha"]
     assert complete("jlremote start remote-") == [
-        "remote-b", "remote-c", "remote-cm", "remote-nosock",
-    ]  # fmt: skip
+        "remote-b", "remote-c", "remote-cm", "remote-fwd", "remote-nosock",
+    ] + (["remote-deep"] if testbed.deep_user else [])  # fmt: skip
     assert "noauth" in complete("jlremote doctor ")
 
 
