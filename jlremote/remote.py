@@ -277,6 +277,18 @@ def poll_job(
     return _job_script(cfg, host, script, f"asking {host} about job {job_id}")
 
 
+def set_route(cfg: ssh.SshConfig, host: str, session_id: str, route: str) -> None:
+    """Tell the session's job how its node is reached (`sock` or `tcp`)."""
+    done = run_script(
+        cfg, host, slurm.route_script(session_id, route), cfg.connect_timeout + 15, "routing"
+    )
+    if done.returncode != 0:
+        msg, _ = remote_message(
+            done.stderr, f"telling the job its route failed (exit {done.returncode})"
+        )
+        raise JlremoteError(msg, ExitCode.SERVER)
+
+
 def cancel_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
     """scancel the job (if still ours) and remove its session directory; returns its last
     state and the tail of its log."""

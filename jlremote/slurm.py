@@ -23,6 +23,9 @@ q = shlex.quote
 
 RC_NO_SBATCH = 87
 RC_SBATCH_FAILED = 88
+# How long a running job waits for its client to say how it reaches the node (0.1 s ticks).
+ROUTE_WAIT_TICKS = 1200
+ROUTES = ("sock", "tcp")
 
 ACTIVE_STATES = scripts.JOB_ACTIVE_STATES
 check_job_id = scripts.check_job_id
@@ -171,12 +174,20 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
         '[ -n "$addr" ] || addr=$(hostname)',
         """printf '%s %s\\n' "$node" "$addr" > "$d/node\"""",
+        # The client says how it reaches this node (set_route_script): `sock` when its ssh
+        # gets here through the login host (a private socket), `tcp` otherwise.
+        f'i=0; while [ ! -s "$d/route" ] && [ "$i" -lt {ROUTE_WAIT_TICKS} ]; do '
+        "sleep 0.1; i=$((i+1)); done",
+        'route=$(cat "$d/route" 2>/dev/null)',
+        f'[ -n "$route" ] || {{ {say}\'no client asked for the server (was start '
+        f"interrupted?)'; exit {scripts.RC_SERVER_TIMEOUT}; }}",
         # The login host reads the server's runtime file on the shared home: copy it there
         # from a node-local runtime directory ($$ is the server once exec'd).
         'if [ "$rt" != "$d" ]; then ( while kill -0 $$ 2>/dev/null; do '
         'for c in "$rt"/jpserver-*.json; do if [ -f "$c" ] && grep -q "^}" "$c"; then '
         'cp "$c" "$d"/ && exit 0; fi; done; sleep 0.1; done ) & fi',
         # exec: the server is the job's own process, so scancel signals it directly.
+        f'if [ "$route" = sock ]; then exec {server} --sock="$rt"/{scripts.SOCKET_NAME}; fi',
         f'exec {server} --ip="$addr" --port=0',
     ]
     return "\n".join(lines) + "\n"
@@ -243,8 +254,9 @@ def poll_script(session_id: str, job_id: str, ask_slurm: bool = True) -> str:
         'for c in "$d"/jpserver-*.json "$d"/nbserver-*.json; do',
         '  if [ -f "$c" ] && grep -q "^}" "$c"; then f=$c; break; fi',
         "done",
+        # The node as soon as the job has started there (the client picks its route then).
+        """[ -f "$d/node" ] && printf 'JLREMOTE-NODE %s\\n' "$(cat "$d/node")\"""",
         'if [ -n "$f" ] && [ -f "$d/node" ]; then',
-        """  printf 'JLREMOTE-NODE %s\\n' "$(cat "$d/node")\"""",
         '  echo JLREMOTE-INFO; cat "$f"; echo; echo JLREMOTE-END',
         "fi",
         'case "${s%%|*}" in ' + "|".join(ACTIVE_STATES) + ") ;;",
@@ -252,6 +264,14 @@ def poll_script(session_id: str, job_id: str, ask_slurm: bool = True) -> str:
         "esac",
     ]
     return "\n".join(lines) + "\n"
+
+
+def route_script(session_id: str, route: str) -> str:
+    """Tell the job how the client reaches its node (the job waits for this)."""
+    if route not in ROUTES:
+        raise ValueError(f"bad route {route!r}")
+    d = scripts.session_dir_expr(session_id)
+    return f"umask 077\nprintf '%s\\n' {route} > {d}/route\n"
 
 
 def cancel_script(session_id: str, job_id: str) -> str:

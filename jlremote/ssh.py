@@ -123,14 +123,22 @@ def forward_spec(local_port: int, target: Target) -> str:
     return f"127.0.0.1:{local_port}:{host}:{target.port}"
 
 
-def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> list[str]:
+def tunnel_master_argv(
+    cfg: SshConfig, host: str, path: str, log_file: str, node: str = ""
+) -> list[str]:
     """The tunnel's own connection: a dedicated master at PATH used for nothing but this
     session's forward, so its listener dies with it and with nothing else. ssh returns
     (-f) once authenticated, which can prompt on the terminal first; keepalives make it exit
     when the link is dead. Its messages go to LOG_FILE (-E): once backgrounded, ssh sends
-    stderr to /dev/null, and a refused forward must still be visible."""
+    stderr to /dev/null, and a refused forward must still be visible.
+
+    With NODE (a compute node of a job), the connection goes to that node through HOST
+    (ProxyJump: HOST resolves the node's name; its host key is checked here, as for any
+    host), and never prompts: a node that wants a password is not a route."""
+    to_node = ["-o", f"ProxyJump={host}", "-o", "BatchMode=yes"] if node else []
     return [
         *_base(cfg),
+        *to_node,
         "-f", "-N", "-T", "-E", log_file,
         *PRIVATE_OPTIONS,
         "-o", "ControlMaster=yes",
@@ -141,7 +149,7 @@ def tunnel_master_argv(cfg: SshConfig, host: str, path: str, log_file: str) -> l
         "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
         "-o", f"ConnectTimeout={cfg.connect_timeout}",
         "-o", "PermitLocalCommand=no",
-        "--", host,
+        "--", node or host,
     ]  # fmt: skip
 
 
@@ -163,16 +171,18 @@ def resolve_argv(cfg: SshConfig, host: str) -> list[str]:
     return [*_base(cfg), "-G", "--", host]
 
 
-def probe_connect_argv(cfg: SshConfig, host: str) -> list[str]:
+def probe_connect_argv(cfg: SshConfig, host: str, node: str = "") -> list[str]:
     """A fresh connection that may not prompt (BatchMode) and shares nothing, so that it
-    really tests reaching and authenticating to HOST, and how long that takes."""
+    really tests reaching and authenticating to HOST (or to NODE through HOST), and how
+    long that takes."""
+    jump = ["-o", f"ProxyJump={host}"] if node else []
     return [
-        *_base(cfg), "-T", *PRIVATE_OPTIONS,
+        *_base(cfg), "-T", *PRIVATE_OPTIONS, *jump,
         "-o", "BatchMode=yes",
         "-o", "ControlMaster=no",
         "-o", "ControlPath=none",
         "-o", f"ConnectTimeout={cfg.connect_timeout}",
-        "--", host, "true",
+        "--", node or host, "true",
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from jlremote.ssh import Target
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: Slurm fields (job_id, node, address, remote_host)
+SCHEMA_VERSION = 3  # 2: Slurm fields (job_id, node, address, remote_host); 3: tunnel.node
 STATE_FILE = "sessions.json"
 
 
@@ -68,6 +68,8 @@ class Tunnel:
     control_path: str = ""
     remote_socket: str = ""  # forward to this remote Unix socket instead of remote_port
     remote_host: str = ""  # forward to this address as seen from HOST ("": its 127.0.0.1)
+    # The tunnel's connection ends at this compute node, through HOST ("": at HOST).
+    node: str = ""
 
     @property
     def target(self) -> Target:

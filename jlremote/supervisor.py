@@ -187,6 +187,7 @@ def run(name: str, wait: float) -> int:
                     t.target,
                     logfile,
                     check=remote.proof_of(cfg, session.host, session.server),
+                    node=t.node,
                 )
             except JlremoteError as exc:
                 log.info("attempt %d failed: %s", st.attempts, exc.message)

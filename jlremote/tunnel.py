@@ -72,8 +72,11 @@ def master_path(session_id: str) -> str:
     return str(runtime_dir() / f"tun-{session_id}")
 
 
-def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path) -> Tunnel:
+def start_master(
+    cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path, node: str = ""
+) -> Tunnel:
     """Open the tunnel's own ssh connection (no forward yet); returns once authenticated.
+    With NODE, to that compute node through HOST.
 
     Ports are 0 until add_forward() is called.
     """
@@ -82,13 +85,13 @@ def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path)
         os.unlink(path)  # a stale socket from a master that was killed
     log_path.write_bytes(b"")
     done = proc.run(
-        ssh.tunnel_master_argv(cfg, host, path, str(log_path)),
+        ssh.tunnel_master_argv(cfg, host, path, str(log_path), node),
         timeout=cfg.connect_timeout + 30,
         output_file=log_path,
         what=f"connecting to {host}",
     )
     if done.returncode != 0:
-        raise ssh.explain_failure(host, log_path.read_text(errors="replace"))
+        raise ssh.explain_failure(node or host, log_path.read_text(errors="replace"))
     check = proc.run(ssh.check_master_argv(cfg, host, path), timeout=10, what="ssh -O check")
     found = re.search(r"pid=(\d+)", check.stderr + check.stdout)
     if check.returncode != 0 or not found:
@@ -106,7 +109,7 @@ def start_master(cfg: ssh.SshConfig, host: str, session_id: str, log_path: Path)
         raise JlremoteError(
             "the tunnel's ssh exited right after starting", ExitCode.TUNNEL
         ) from None
-    return Tunnel(0, 0, pid, created, path)
+    return Tunnel(0, 0, pid, created, path, node=node)
 
 
 def add_forward(
@@ -147,10 +150,12 @@ def open_tunnel(
     target: ssh.Target,
     log_path: Path,
     check: Callable[[Tunnel], None] | None = None,
+    node: str = "",
 ) -> Tunnel:
-    """The tunnel's own connection plus its forward, in one go. CHECK runs through the
-    new connection before anything listens (it raises to stop the forward)."""
-    master = start_master(cfg, host, session_id, log_path)
+    """The tunnel's own connection (to NODE through HOST, with a node) plus its forward,
+    in one go. CHECK runs through the new connection before anything listens (it raises
+    to stop the forward)."""
+    master = start_master(cfg, host, session_id, log_path, node)
     try:
         if check is not None:
             check(master)

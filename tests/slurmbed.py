@@ -220,8 +220,61 @@ class Cluster:
                     return True
         return False
 
+    def start_node_sshd(self, bed: Testbed) -> int:
+        """An sshd on the compute node for the job's user (clusters that let users ssh to
+        the nodes of their jobs); the client reaches it as `jlrnode` through the login
+        host (ProxyJump). Returns its PID; stop_node_sshd() ends it."""
+        w = Path(bed.workdir)
+        port = _free_port(self.address)
+        conf = w / "sshd_config_node"
+        conf.write_text(
+            f"Port {port}\nListenAddress {self.address}\nHostKey {w}/host_key\n"
+            f"PidFile {w}/sshd_node.pid\nAuthorizedKeysFile {w}/authorized_keys/%u\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            f"AllowUsers {bed.user}\nAllowStreamLocalForwarding yes\nStrictModes no\n"
+            "X11Forwarding no\nPrintMotd no\nLogLevel VERBOSE\n"
+        )
+        pub = (w / "host_key.pub").read_text().split()
+        with (w / "known_hosts").open("a") as f:
+            f.write(f"[{self.address}]:{port} {pub[0]} {pub[1]}\n")
+        config = (w / "ssh_config").read_text().split(f"Host {NODE}\n")[0]
+        (w / "ssh_config").write_text(
+            f"{config}Host {NODE}\n  HostName {self.address}\n  Port {port}\n"
+            f"  User {bed.user}\n  IdentityFile {w}/client_key\n  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {w}/known_hosts\n  GlobalKnownHostsFile /dev/null\n"
+            "  StrictHostKeyChecking yes\n  BatchMode yes\n"
+        )
+        log = open(w / "sshd_node.log", "wb")  # noqa: SIM115 - owned by sshd
+        proc = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.node_sshd = proc.pid
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection((self.address, port), 1):
+                return True
+            return proc.poll() is not None
+
+        wait_until(listening, 10, "the node's sshd")
+        if proc.poll() is not None:
+            raise RuntimeError((w / "sshd_node.log").read_text())
+        return proc.pid
+
+    def stop_node_sshd(self) -> None:
+        pid = getattr(self, "node_sshd", 0)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            wait_until(lambda: _reaped(pid), 10, "the node's sshd to die", interval=0.05)
+            self.node_sshd = 0
+
     def close(self) -> None:
         """Cancel every job, stop the daemons, remove the files; safe to call twice."""
+        self.stop_node_sshd()
         if self.pids.get("slurmctld"):
             with contextlib.suppress(Exception):
                 self.run("scancel", "-u", self.user, timeout=10)

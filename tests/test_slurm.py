@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def test_doctor_checks_what_slurm_needs(sjl: Jl, testbed: Testbed, cluster: Clus
     assert "debug* (up), closed (down)" in checks["slurm"]["detail"]
     # What a job's server is open to, said plainly.
     assert checks["privacy-slurm"]["status"] == "warn"
-    assert "every user of the cluster can connect" in checks["privacy-slurm"]["detail"]
+    assert "decided per job" in checks["privacy-slurm"]["detail"]
     bad = sjl("doctor", ALIAS, "--slurm", "--sbatch", "-p nosuch")
     assert bad.rc == 6 and "no partition 'nosuch'" in bad.stdout
     down = sjl("doctor", ALIAS, "--slurm", "--sbatch", "--partition=closed", "--json")
@@ -233,4 +234,53 @@ def test_kernels_in_a_job_talk_over_private_sockets(sjl: Jl, testbed: Testbed) -
     files = [json.loads(p.read_text()) for p in run_dir.glob("kernel-*.json")]
     assert [f["transport"] for f in files] == ["ipc"]
     status = sjl("status", "--json").json()
-    assert status[0]["exposure"] == "cluster"
+    assert status[0]["exposure"] == "cluster"  # no sshd on the node: its cluster address
+    checks = {c["name"]: c for c in sjl("doctor", ALIAS, "--slurm", "--json").json()["checks"]}
+    assert checks["privacy-slurm"]["status"] == "warn"
+    assert "no ssh to jlrnode" in checks["privacy-slurm"]["detail"]
+    assert "every user of the cluster can connect" in checks["privacy-slurm"]["detail"]
+
+
+@pytest.fixture
+def node_sshd(cluster: Cluster, testbed: Testbed) -> Iterator[None]:
+    cluster.start_node_sshd(testbed)
+    try:
+        yield
+    finally:
+        cluster.stop_node_sshd()
+
+
+def test_a_node_that_accepts_ssh_serves_on_a_private_socket(
+    sjl: Jl, testbed: Testbed, cluster: Cluster, node_sshd: None
+) -> None:
+    """Where the user's ssh reaches the job's node through the login host, the server
+    listens on a 0600 Unix socket there, not on the node's cluster address."""
+    r = sjl("start", ALIAS, "--slurm")
+    assert r.rc == 0, r.stderr
+    url, token = r.url, token_of(r.url)
+    assert http_get(api(url, "api/status"), token)[0] == 200
+    record = sjl.sessions()[ALIAS]
+    assert record["tunnel"]["node"] == NODE and record["server"]["sock"]
+    assert record["tunnel"]["remote_host"] == "" and record["server"]["port"] == 0
+    sock = Path(record["server"]["sock"])
+    assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
+    # The server (the job's own process) listens on no TCP port of the node.
+    listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    assert f"pid={record['server']['pid']}," not in listening, listening
+    row = sjl("status", "--json").json()[0]
+    assert row["exposure"] == "private" and row["server"] == "running"
+    checks = {c["name"]: c for c in sjl("doctor", ALIAS, "--slurm", "--json").json()["checks"]}
+    assert checks["privacy-slurm"]["status"] == "ok", checks["privacy-slurm"]
+    # The tunnel heals through the login host to the node.
+    os.kill(record["tunnel"]["pid"], signal.SIGKILL)
+    wait_until(
+        lambda: (
+            sjl.sessions()[ALIAS]["tunnel"]["pid"] != record["tunnel"]["pid"]
+            and http_get(api(url, "api/status"), token)[0] == 200
+        ),
+        60,
+        "the tunnel to the node to heal",
+        interval=0.2,
+    )
+    assert sjl("stop", ALIAS).rc == 0
+    wait_until(lambda: not cluster.jobs(), 30, "the job to end", interval=0.1)

@@ -113,6 +113,8 @@ def doctor(opts: DoctorOptions) -> DoctorResult:
     try:
         report = _remote_checks(cfg, host, opts, add)
         _privacy_check(report, _forward_checks(cfg, host, opts, add), opts, add)
+        if opts.slurm:
+            _node_route_check(cfg, host, add)
     finally:
         with contextlib.suppress(JlremoteError):
             release(cfg, host)
@@ -237,14 +239,58 @@ def _privacy_check(
                 required=False,
             )
         )
-    if opts.slurm:
+
+
+def _node_route_check(cfg: ssh.SshConfig, host: str, add: _Add) -> None:
+    """Whether a job's server gets a private socket: it does when our ssh reaches its node
+    through HOST. Tested against the node of a job session of ours on HOST, if any (most
+    clusters let a user onto a node only while a job of theirs runs there)."""
+    from jlremote.state import StateStore
+
+    nodes = sorted(
+        {s.server.node for s in StateStore(state_dir()).read().values() if s.host == host} - {""}
+    )
+    cluster = (
+        "every user of the cluster can connect to it (the token keeps them out; plain HTTP "
+        "between the login host and the node)"
+    )
+    if not nodes:
         add(
             Check(
                 "privacy-slurm",
                 "warn",
-                "a job's server listens on its compute node's cluster address: every user of "
-                "the cluster can connect (the token keeps them out; plain HTTP between the "
-                f"login host and the node); {common}",
+                "decided per job: a private Unix socket on the node when `ssh -J "
+                f"{host} NODE` works without a prompt, else the node's cluster address, where "
+                + cluster,
+                f"with a job running, `jlremote doctor {host} --slurm` tests its node",
+                required=False,
+            )
+        )
+        return
+    node = nodes[0]
+    done = proc.run(
+        ssh.probe_connect_argv(cfg, host, node), timeout=cfg.connect_timeout + 15, what="ssh"
+    )
+    if done.returncode == 0:
+        add(
+            Check(
+                "privacy-slurm",
+                "ok",
+                f"ssh reaches {node} through {host}: a job's server there is on a private "
+                "Unix socket",
+                required=False,
+            )
+        )
+    else:
+        why = ssh.explain_failure(node, done.stderr).message
+        add(
+            Check(
+                "privacy-slurm",
+                "warn",
+                f"no ssh to {node} through {host} ({why}): a job's server listens on the "
+                "node's cluster address, where " + cluster,
+                f"for a private socket: make `ssh -J {host} {node} true` work without a "
+                "prompt (the node's host key in known_hosts, a key it accepts)",
                 required=False,
             )
         )

@@ -267,6 +267,7 @@ def _open_and_verify(
         session.server.target,
         logfile,
         check=remote.proof_of(cfg, host, session.server),
+        node=session.tunnel.node,
     )
     try:
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
@@ -467,6 +468,28 @@ def _fresh_with(
     )
 
 
+def _route_to_node(
+    cfg: ssh.SshConfig, host: str, session_id: str, node: str, master: Tunnel, logfile: Path
+) -> Tunnel:
+    """How the job's server is reached, told to the job: when our ssh gets to NODE through
+    HOST (keys, host keys and all, never a prompt), it serves on a private Unix socket
+    there and the tunnel's connection ends at the node; otherwise on the node's cluster
+    address, forwarded through HOST's MASTER. Returns the master to forward through."""
+    try:
+        node_master = tunnel.start_master(cfg, host, session_id + "n", logfile, node=node)
+    except JlremoteError as exc:
+        log.info("no ssh to %s through %s (%s): its server listens on TCP", node, host, exc)
+        remote.set_route(cfg, host, session_id, "tcp")
+        return master
+    try:
+        remote.set_route(cfg, host, session_id, "sock")
+    except BaseException:
+        tunnel.close_tunnel(node_master)
+        raise
+    tunnel.close_tunnel(master)  # the login host's connection is not needed any more
+    return node_master
+
+
 def _job_progress(job_id: str, job: slurm.JobState) -> str:
     if job.state == "PENDING":
         return f"job {job_id} queued" + (f" ({job.reason})" if job.reason else "")
@@ -498,6 +521,7 @@ def _fresh_slurm(
         master, sup = _master_and_helpers(cfg, host, spec.session_id, logfile, name, opts.wait + 60)
         state = slurm.JobState("PENDING")
         ask_at = 0.0
+        routed = False
         while True:
             # squeue at most every SQUEUE_INTERVAL (Slurm's controller is shared); the
             # runtime file, which says the server is up, at every tick.
@@ -508,6 +532,14 @@ def _fresh_slurm(
                 ask_at = time.monotonic() + SQUEUE_INTERVAL
             if looked.poll.info is not None:
                 break
+            if looked.poll.node and not routed:
+                # The job runs, and waits to be told how its node is reached.
+                opts.progress(f"job {job_id} running on {looked.poll.node}; reaching it")
+                master = _route_to_node(
+                    cfg, host, spec.session_id, looked.poll.node, master, logfile
+                )
+                routed = True
+                continue
             if not state.active:
                 raise remote.job_failure(job_id, state, looked.log_tail)
             opts.progress(_job_progress(job_id, state))
@@ -525,13 +557,15 @@ def _fresh_slurm(
                 raise JlremoteError(msg, ExitCode.SERVER, detail=last.log_tail)
             time.sleep(JOB_POLL_INTERVAL)
         info = looked.poll.info
-        address = looked.poll.address or str(info.get("hostname") or "")
+        sock = str(info.get("sock") or "")
+        address = "" if sock else looked.poll.address or str(info.get("hostname") or "")
         server = RemoteServer(
             session_id=spec.session_id,
             pid=int(str(info.get("pid", 0))),
             started="",
             cmdline="",
-            port=int(str(info["port"])),
+            port=int(str(info.get("port") or 0)),
+            sock=sock,
             base_url=str(info.get("base_url") or "/"),
             session_dir=session_dir,
             notebook=opts.notebook,
@@ -540,7 +574,11 @@ def _fresh_slurm(
             node=looked.poll.node or state.node,
             address=address,
         )
-        opts.progress(f"forwarding to {server.node}:{server.port} through {host}")
+        opts.progress(
+            f"forwarding to a private socket on {server.node}"
+            if sock
+            else f"forwarding to {server.node}:{server.port} through {host}"
+        )
         local_port = opts.local_port or tunnel.pick_free_port()
         master = tunnel.add_forward(cfg, host, master, local_port, server.target)
         session = _new_session(opts, name, host, token, server, master, sup)
