@@ -217,3 +217,28 @@ def test_job_state_tells_forgotten_from_unknown(
         check=False,
     )
     assert (done.returncode, done.stdout.strip()) == (rc, out)
+
+
+def test_the_job_waits_for_its_route_and_serves_a_private_socket_when_told() -> None:
+    lines = slurm.job_script(spec()).splitlines()
+    assert lines[-2] == (
+        'if [ "$route" = sock ]; then exec jupyter lab --no-browser '
+        '--KernelManager.transport=ipc --sock="$rt"/jupyter.sock; fi'
+    )
+    assert lines[-1].endswith('--ip="$addr" --port=0')
+    assert 'route=$(cat "$d/route" 2>/dev/null)' in lines
+    assert slurm.route_script(SID, "sock") == (
+        f"umask 077\nprintf '%s\\n' sock > \"$HOME\"/.jlremote/sessions/{SID}/route\n"
+    )
+    with pytest.raises(ValueError):
+        slurm.route_script(SID, "sock; rm -rf ~")
+
+
+def test_the_tunnel_to_a_node_jumps_through_the_login_host_and_never_prompts() -> None:
+    from jlremote import ssh
+
+    cfg = ssh.SshConfig(binary="/usr/bin/ssh", connect_timeout=7)
+    argv = ssh.tunnel_master_argv(cfg, "cluster", "/run/jl/tun-x", "/l", node="gpu017")
+    assert argv[1:5] == ["-o", "ProxyJump=cluster", "-o", "BatchMode=yes"]
+    assert argv[-2:] == ["--", "gpu017"]
+    assert ssh.tunnel_master_argv(cfg, "cluster", "/run/jl/tun-x", "/l")[-2:] == ["--", "cluster"]
