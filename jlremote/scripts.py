@@ -698,8 +698,8 @@ def parse_doctor_output(stdout: str) -> DoctorReport:
 # A listener on a Unix socket and on 127.0.0.1 (any port) that greets one client each,
 # so that the local side can test both kinds of forwarding for real; gone in 15 s.
 _GREETER = """import os, select, shutil, socket, sys
-d = sys.argv[1]
-u = socket.socket(socket.AF_UNIX); u.bind(d + "/s"); u.listen(1)
+d, sock = sys.argv[1], sys.argv[2]
+u = socket.socket(socket.AF_UNIX); u.bind(sock); u.listen(1)
 t = socket.socket(); t.bind(("127.0.0.1", 0)); t.listen(1)
 with open(d + "/port.tmp", "w") as f: f.write(str(t.getsockname()[1]))
 os.rename(d + "/port.tmp", d + "/port")
@@ -711,6 +711,7 @@ try:
         for s in ready:
             c = s.accept()[0]; c.sendall(b"jlremote-ok\\n"); c.close(); left.remove(s)
 finally:
+    shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
 """
 GREETING = b"jlremote-ok\n"
@@ -728,12 +729,16 @@ def forward_probe_script(probe_id: str, env: str | None) -> str:
     lines += [
         "py=$(command -v python3 || command -v python) || { echo 'JLREMOTE-FWD -'; exit 0; }",
         f'd={d}; mkdir -p "$HOME"/.jlremote && chmod 700 "$HOME"/.jlremote && mkdir "$d" || exit 1',
+        # The socket as start would make it: in a short 0700 directory when the home is
+        # too deep for a socket path.
+        "r=$d; if [ ${#d} -gt 90 ]; then r=$(mktemp -d /tmp/jlremote-XXXXXXXX) || exit 1; fi",
+        """printf '%s\\n' "$r" > "$d/run\"""",
         # In its private directory: `-c` puts the working directory on the import path.
         'cd "$d" || exit 1',
-        f'setsid nohup "$py" -c {q(_GREETER)} "$d" </dev/null >/dev/null 2>&1 &',
+        f'setsid nohup "$py" -c {q(_GREETER)} "$d" "$r/s" </dev/null >/dev/null 2>&1 &',
         """printf '%s\\n' "$!" > "$d/pid\"""",
         'i=0; while [ ! -s "$d/port" ] && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i+1)); done',
-        """printf 'JLREMOTE-FWD %s %s\\n' "$(cat "$d/port" 2>/dev/null || echo -)" "$d/s\"""",
+        """printf 'JLREMOTE-FWD %s %s\\n' "$(cat "$d/port" 2>/dev/null || echo -)" "$r/s\"""",
     ]
     return "\n".join(lines) + "\n"
 
@@ -771,8 +776,8 @@ def forward_probe_cleanup(probe_id: str) -> str:
         raise ValueError(f"bad probe id {probe_id!r}")
     d = f'"$HOME"/.jlremote/doctor-{probe_id}'
     return (
-        f"d={d}\n"
+        _SESSION_FILES + f"d={d}\n"
         'p=$(cat "$d/pid" 2>/dev/null)\n'
         'if [ -n "$p" ]; then case "$(ps -ww -o args= -p "$p")" in *"$d"*) kill "$p";; esac; fi\n'
-        'rm -rf "$d"\n'
+        'drop_entry "$d"\n'
     )

@@ -124,6 +124,14 @@ def test_a_100_character_home_works_and_leaves_nothing(jl: Jl, testbed: Testbed)
     sessions = Path(home) / ".jlremote" / "sessions"
     assert list(sessions.iterdir()) == []
     assert testbed.kill_remote_processes() == []
+    # doctor tests the socket forward where start would put the socket, and says so.
+    doctor = jl("doctor", "remote-deep", "--json")
+    assert doctor.rc == 0, doctor.stdout
+    checks = {c["name"]: c for c in doctor.json()["checks"]}
+    assert checks["socket-forward"]["status"] == "ok"
+    assert "too deep for socket paths" in checks["privacy"]["detail"]
+    assert list(Path(home, ".jlremote").iterdir()) == [sessions]
+    assert not [p for p in Path("/tmp").glob("jlremote-*") if p.stat().st_uid == st.st_uid]
 
 
 def test_no_code_from_the_working_directory_runs(jl: Jl, testbed: Testbed, tmp_path: Path) -> None:
