@@ -23,8 +23,9 @@ q = shlex.quote
 
 RC_NO_SBATCH = 87
 RC_SBATCH_FAILED = 88
-# How long a running job waits for its client to say how it reaches the node (0.1 s ticks).
-ROUTE_WAIT_TICKS = 1200
+# How long a running job waits for its client to say how it reaches the node (in 0.02 s
+# ticks: 2 minutes; the server's start-up waits for the answer).
+ROUTE_WAIT_TICKS = 6000
 ROUTES = ("sock", "tcp")
 
 ACTIVE_STATES = scripts.JOB_ACTIVE_STATES
@@ -177,7 +178,7 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         # The client says how it reaches this node (set_route_script): `sock` when its ssh
         # gets here through the login host (a private socket), `tcp` otherwise.
         f'i=0; while [ ! -s "$d/route" ] && [ "$i" -lt {ROUTE_WAIT_TICKS} ]; do '
-        "sleep 0.1; i=$((i+1)); done",
+        "sleep 0.02; i=$((i+1)); done",
         'route=$(cat "$d/route" 2>/dev/null)',
         f'[ -n "$route" ] || {{ {say}\'no client asked for the server (was start '
         f"interrupted?)'; exit {scripts.RC_SERVER_TIMEOUT}; }}",

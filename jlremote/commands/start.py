@@ -10,7 +10,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -468,24 +468,32 @@ def _fresh_with(
     )
 
 
-def _route_to_node(
-    cfg: ssh.SshConfig, host: str, session_id: str, node: str, master: Tunnel, logfile: Path
-) -> Tunnel:
-    """How the job's server is reached, told to the job: when our ssh gets to NODE through
-    HOST (keys, host keys and all, never a prompt), it serves on a private Unix socket
-    there and the tunnel's connection ends at the node; otherwise on the node's cluster
-    address, forwarded through HOST's MASTER. Returns the master to forward through."""
+def _try_node(
+    cfg: ssh.SshConfig, host: str, session_id: str, node: str, logfile: Path
+) -> Tunnel | None:
+    """The tunnel's connection to the job's NODE through HOST (keys, host keys and all,
+    never a prompt), or None where the cluster does not let our ssh onto the node."""
     try:
-        node_master = tunnel.start_master(cfg, host, session_id + "n", logfile, node=node)
+        return tunnel.start_master(cfg, host, session_id + "n", logfile, node=node)
     except JlremoteError as exc:
         log.info("no ssh to %s through %s (%s): its server listens on TCP", node, host, exc)
-        remote.set_route(cfg, host, session_id, "tcp")
-        return master
+        return None
+
+
+def _route_to_node(
+    cfg: ssh.SshConfig, host: str, session_id: str, node_master: Tunnel | None, master: Tunnel
+) -> Tunnel:
+    """Tell the job how its server is reached: on a private Unix socket on the node when
+    NODE_MASTER got there, else on the node's cluster address, forwarded through HOST's
+    MASTER. Returns the master to forward through (the other one is closed)."""
     try:
-        remote.set_route(cfg, host, session_id, "sock")
+        remote.set_route(cfg, host, session_id, "tcp" if node_master is None else "sock")
     except BaseException:
-        tunnel.close_tunnel(node_master)
+        if node_master is not None:
+            tunnel.close_tunnel(node_master)
         raise
+    if node_master is None:
+        return master
     tunnel.close_tunnel(master)  # the login host's connection is not needed any more
     return node_master
 
@@ -511,6 +519,9 @@ def _fresh_slurm(
     job_id = ""
     master: Tunnel | None = None
     sup: tuple[int | None, float | None] = (None, None)
+    attempt: Future[Tunnel | None] | None = None
+    routed = False
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
         opts.progress(f"connecting to {host}")
         remote.warm(cfg, host, timeout=cfg.connect_timeout + 15)
@@ -521,7 +532,6 @@ def _fresh_slurm(
         master, sup = _master_and_helpers(cfg, host, spec.session_id, logfile, name, opts.wait + 60)
         state = slurm.JobState("PENDING")
         ask_at = 0.0
-        routed = False
         while True:
             # squeue at most every SQUEUE_INTERVAL (Slurm's controller is shared); the
             # runtime file, which says the server is up, at every tick.
@@ -532,12 +542,14 @@ def _fresh_slurm(
                 ask_at = time.monotonic() + SQUEUE_INTERVAL
             if looked.poll.info is not None:
                 break
-            if looked.poll.node and not routed:
+            node = looked.poll.node or (state.node if state.state == "RUNNING" else "")
+            if node and attempt is None:
+                # Try the node while the job script starts (it waits for the answer).
+                attempt = pool.submit(_try_node, cfg, host, spec.session_id, node, logfile)
+            if looked.poll.node and not routed and attempt is not None:
                 # The job runs, and waits to be told how its node is reached.
-                opts.progress(f"job {job_id} running on {looked.poll.node}; reaching it")
-                master = _route_to_node(
-                    cfg, host, spec.session_id, looked.poll.node, master, logfile
-                )
+                opts.progress(f"job {job_id} running on {node}; reaching it")
+                master = _route_to_node(cfg, host, spec.session_id, attempt.result(), master)
                 routed = True
                 continue
             if not state.active:
@@ -585,9 +597,16 @@ def _fresh_slurm(
         wait = max(5.0, min(30.0, deadline - time.monotonic()))
         _verify_and_record(store, session, opts, wait, logfile)
     except BaseException:
+        if attempt is not None and not routed:  # a connection to the node nobody took
+            with contextlib.suppress(Exception):
+                tried = attempt.result()
+                if tried is not None:
+                    tunnel.close_tunnel(tried)
         cancel = None
         if job_id:
             cancel = functools.partial(remote.cancel_job, cfg, host, spec.session_id, job_id)
         _undo(cfg, store, name, host, sup, master, cancel)
         raise
+    finally:
+        pool.shutdown(wait=False)
     return _result(session, reused=False, reopened=False)
