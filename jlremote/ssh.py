@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 
@@ -133,9 +134,9 @@ def tunnel_master_argv(
     stderr to /dev/null, and a refused forward must still be visible.
 
     With NODE (a compute node of a job), the connection goes to that node through HOST
-    (ProxyJump: HOST resolves the node's name; its host key is checked here, as for any
-    host), and never prompts: a node that wants a password is not a route."""
-    to_node = ["-o", f"ProxyJump={host}", "-o", "BatchMode=yes"] if node else []
+    (see node_route_options), and never prompts: a node that wants a password is not a
+    route."""
+    to_node = [*node_route_options(cfg, host), "-o", "BatchMode=yes"] if node else []
     return [
         *_base(cfg),
         *to_node,
@@ -151,6 +152,21 @@ def tunnel_master_argv(
         "-o", "PermitLocalCommand=no",
         "--", node or host,
     ]  # fmt: skip
+
+
+def node_route_options(cfg: SshConfig, host: str) -> list[str]:
+    """Reach a compute node through HOST, as ProxyJump would (HOST resolves the node's
+    name; the node's host key is checked here, as for any host), but through jlremote's
+    own shared connection to HOST when it is up: no new login there (no second 2FA code),
+    no new handshake. Never a prompt from the hop."""
+    hop = [*_base(cfg), *PRIVATE_OPTIONS, "-o", "BatchMode=yes", "-o", "ControlMaster=no"]
+    path = control_path(cfg)
+    if path:
+        hop += ["-o", f"ControlPath={path}"]
+    # ssh expands %-tokens in ProxyCommand for the node: ours are for the hop's own ssh.
+    words = [shlex.quote(w).replace("%", "%%") for w in [*hop, "-W", "-", "--", host]]
+    words[-3] = "%h:%p"  # the node and its port, filled in by the outer ssh
+    return ["-o", f"ProxyCommand={' '.join(words)}"]
 
 
 def forward_argv(
@@ -173,9 +189,9 @@ def resolve_argv(cfg: SshConfig, host: str) -> list[str]:
 
 def probe_connect_argv(cfg: SshConfig, host: str, node: str = "") -> list[str]:
     """A fresh connection that may not prompt (BatchMode) and shares nothing, so that it
-    really tests reaching and authenticating to HOST (or to NODE through HOST), and how
-    long that takes."""
-    jump = ["-o", f"ProxyJump={host}"] if node else []
+    really tests reaching and authenticating to HOST (or to NODE through HOST, as the
+    tunnel would), and how long that takes."""
+    jump = node_route_options(cfg, host) if node else []
     return [
         *_base(cfg), "-T", *PRIVATE_OPTIONS, *jump,
         "-o", "BatchMode=yes",

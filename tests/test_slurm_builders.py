@@ -237,8 +237,17 @@ def test_the_job_waits_for_its_route_and_serves_a_private_socket_when_told() -> 
 def test_the_tunnel_to_a_node_jumps_through_the_login_host_and_never_prompts() -> None:
     from jlremote import ssh
 
-    cfg = ssh.SshConfig(binary="/usr/bin/ssh", connect_timeout=7)
+    cfg = ssh.SshConfig(binary="/usr/bin/ssh", config_file="/a%b c", control_dir="/run/jl")
     argv = ssh.tunnel_master_argv(cfg, "cluster", "/run/jl/tun-x", "/l", node="gpu017")
-    assert argv[1:5] == ["-o", "ProxyJump=cluster", "-o", "BatchMode=yes"]
+    # The hop goes through jlremote's own shared connection to the login host when it is
+    # up (no second login), never prompts, and carries none of the user's forwardings.
+    assert argv[3:7] == [
+        "-o",
+        "ProxyCommand=/usr/bin/ssh -F '/a%%b c' -o ClearAllForwardings=yes "
+        "-o ForwardAgent=no -o ForwardX11=no -o BatchMode=yes -o ControlMaster=no "
+        "-o ControlPath=/run/jl/cm-%%C -W %h:%p -- cluster",
+        "-o",
+        "BatchMode=yes",
+    ]
     assert argv[-2:] == ["--", "gpu017"]
     assert ssh.tunnel_master_argv(cfg, "cluster", "/run/jl/tun-x", "/l")[-2:] == ["--", "cluster"]
