@@ -48,17 +48,19 @@ def test_round_trip_mode_and_schema(tmp_path: Path) -> None:
     assert store.path.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "st").stat().st_mode & 0o777 == 0o700
     doc = json.loads(store.path.read_text())
-    assert doc["version"] == 2 and doc["sessions"]["a"]["server"]["pid"] == 4242
+    assert doc["version"] == 3 and doc["sessions"]["a"]["server"]["pid"] == 4242
     assert [p.name for p in (tmp_path / "st").iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_a_version_1_file_still_reads(tmp_path: Path) -> None:
-    """Schema 2 only added fields with defaults (Slurm's): older records read as before."""
+    """Schemas 2 and 3 only added fields with defaults (Slurm's, the tunnel's node): older
+    records read as before."""
     store = StateStore(tmp_path)
     entry = make("a").to_dict()
     for key in ("job_id", "node", "address"):
         del entry["server"][key]
     del entry["tunnel"]["remote_host"]
+    del entry["tunnel"]["node"]
     store.path.write_text(json.dumps({"version": 1, "sessions": {"a": entry}}))
     assert store.read() == {"a": make("a")}
 
