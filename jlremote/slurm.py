@@ -153,6 +153,13 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         # The token from its 0600 file, not the environment kernels inherit.
         "unset JUPYTER_TOKEN",
         'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"',
+        # First the node (the client tries to reach it while --env and the rest run): its
+        # address as the rest of the cluster (the login host too) uses it.
+        "node=${SLURMD_NODENAME:-$(hostname -s)}",
+        'addr=$(scontrol show node "$node" 2>/dev/null '
+        "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
+        '[ -n "$addr" ] || addr=$(hostname)',
+        """printf '%s %s\\n' "$node" "$addr" > "$d/node\"""",
     ]
     if spec.env:
         lines.append(
@@ -169,12 +176,6 @@ def job_script(spec: scripts.LaunchSpec) -> str:
         f"command -v {q(spec.jupyter)} >/dev/null 2>&1 || "
         f"{{ {say}{q(f'{spec.jupyter!r} not found on the compute node')}; "
         f"exit {scripts.RC_NOT_FOUND}; }}",
-        # The address of this node that the rest of the cluster uses (the login host too).
-        "node=${SLURMD_NODENAME:-$(hostname -s)}",
-        'addr=$(scontrol show node "$node" 2>/dev/null '
-        "| sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n 1)",
-        '[ -n "$addr" ] || addr=$(hostname)',
-        """printf '%s %s\\n' "$node" "$addr" > "$d/node\"""",
         # The client says how it reaches this node (set_route_script): `sock` when its ssh
         # gets here through the login host (a private socket), `tcp` otherwise.
         f'i=0; while [ ! -s "$d/route" ] && [ "$i" -lt {ROUTE_WAIT_TICKS} ]; do '
