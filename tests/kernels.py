@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import websocket
@@ -87,33 +88,42 @@ class Cell:
             )
         )
 
+        self.reply = Reply()
+        self.idle = False
+
+    def _pump(self, done: Callable[[], bool], timeout: float) -> None:
+        """Read the cell's messages until DONE() holds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not within {timeout}s: {self.reply}")
+            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            msg = json.loads(self.ws.recv())
+            if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+                continue
+            kind = msg["header"]["msg_type"]
+            content = msg["content"]
+            if kind == "stream":
+                self.reply.output.append(content["text"])
+            elif kind == "error":
+                self.reply.ename = content["ename"]
+            elif kind == "execute_reply":
+                self.reply.status = content["status"]
+                self.reply.ename = self.reply.ename or content.get("ename", "")
+            elif kind == "status" and content["execution_state"] == "idle":
+                self.idle = True
+
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        """Until the cell has printed TEXT (it runs the user's code now)."""
+        self._pump(lambda: text in self.reply.text, timeout)
+
     def wait(self, timeout: float = 60) -> Reply:
         """Collect the cell's output until its execute_reply and the kernel's idle."""
-        reply = Reply()
-        idle = False
-        deadline = time.monotonic() + timeout
         try:
-            while not (idle and reply.status):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no reply within {timeout}s: {reply}")
-                self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-                msg = json.loads(self.ws.recv())
-                if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
-                    continue
-                kind = msg["header"]["msg_type"]
-                content = msg["content"]
-                if kind == "stream":
-                    reply.output.append(content["text"])
-                elif kind == "error":
-                    reply.ename = content["ename"]
-                elif kind == "execute_reply":
-                    reply.status = content["status"]
-                    reply.ename = reply.ename or content.get("ename", "")
-                elif kind == "status" and content["execution_state"] == "idle":
-                    idle = True
+            self._pump(lambda: self.idle and bool(self.reply.status), timeout)
         finally:
             self.ws.close()
-        return reply
+        return self.reply
 
 
 def run_cell(url: str, kernel: str, code: str, timeout: float = 60) -> Reply:

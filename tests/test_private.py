@@ -88,15 +88,8 @@ def test_kernels_are_private_and_hold_no_token(
     assert not seen["seen"] and seen["frames"] == 0, seen
 
     # JupyterLab's other kernel actions still work over IPC.
-    busy = Cell(url, kernel, "import time; time.sleep(60)")
-    wait_until(
-        lambda: (
-            json.loads(http_get(api(url, f"api/kernels/{kernel}"), token)[1])["execution_state"]
-            == "busy"
-        ),
-        30,
-        "the kernel to be busy",
-    )
+    busy = Cell(url, kernel, "import time\nprint('sleeping', flush=True)\ntime.sleep(60)")
+    busy.wait_for_output("sleeping", 30)  # in the user's code: an interrupt reaches it
     interrupt(url, kernel)
     assert busy.wait(30).ename == "KeyboardInterrupt"
     restart(url, kernel)

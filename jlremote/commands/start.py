@@ -546,7 +546,8 @@ def _fresh_slurm(
             if node and attempt is None:
                 # Try the node while the job script starts (it waits for the answer).
                 attempt = pool.submit(_try_node, cfg, host, spec.session_id, node, logfile)
-            if looked.poll.node and not routed and attempt is not None:
+            # (A job that has ended already is reported below, from this poll's log tail.)
+            if looked.poll.node and not routed and attempt is not None and state.active:
                 # The job runs, and waits to be told how its node is reached.
                 opts.progress(f"job {job_id} running on {node}; reaching it")
                 master = _route_to_node(cfg, host, spec.session_id, attempt.result(), master)
