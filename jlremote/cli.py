@@ -700,6 +700,29 @@ def config_show(
     )
 
 
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+@app.command()
+def completion(
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
+) -> None:
+    """Print the shell completion script for SHELL, e.g. in a dotfiles installer:
+    `jlremote completion bash > ~/.local/share/bash-completion/completions/jlremote`.
+    Unlike --show-completion, it never guesses the shell from the parent process."""
+    if shell not in COMPLETION_SHELLS:
+        raise _fail(
+            JlremoteError(
+                f"completion: SHELL must be bash, zsh or fish, not {shell!r}", ExitCode.USAGE
+            )
+        )
+    # The completion protocol of typer's click: this variable makes it print the script.
+    os.environ["_JLREMOTE_COMPLETE"] = f"source_{shell}"
+    typer.main.get_command(app).main(
+        args=[], prog_name="jlremote", complete_var="_JLREMOTE_COMPLETE"
+    )
+
+
 @config_app.command("path")
 def config_path(as_json: Json = False) -> None:
     """Print the path of config.toml (JLREMOTE_CONFIG, else the user config directory)."""

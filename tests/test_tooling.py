@@ -354,3 +354,28 @@ def test_readme_quick_start_runs_as_written(jl: Jl, testbed: Testbed) -> None:
     assert url.startswith("http://127.0.0.1:") and url in outputs[1]
     assert outputs[2] == ""
     assert_nothing_left(testbed, jl)
+
+
+def test_completion_prints_the_script_for_a_named_shell(jl: Jl) -> None:
+    """From a script or a dotfiles installer (no interactive parent shell to guess)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(jl.env, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    for shell, marker in (
+        ("bash", "_jlremote_completion()"),
+        ("zsh", "#compdef jlremote"),
+        ("fish", "complete --command jlremote"),
+    ):
+        out = subprocess.run(
+            ["sh", "-c", f"jlremote completion {shell}"], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and marker in out.stdout, out.stderr
+    # The bash script really completes: the commands that start with "st".
+    script = (
+        'eval "$(jlremote completion bash)"; COMP_WORDS=(jlremote st); COMP_CWORD=1; '
+        '_jlremote_completion jlremote; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    words = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert set(words.stdout.split()) >= {"start", "status", "stop"}, words.stderr
+    bad = jl("completion", "tcsh")
+    assert bad.rc == 2
+    assert_one_error_line(bad.stderr, "SHELL must be bash, zsh or fish")
