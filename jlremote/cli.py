@@ -411,8 +411,9 @@ def status(
     verbose: Verbose = False,
 ) -> None:
     """Show each session: host, server (running/gone/unknown), tunnel
-    (up/reconnecting/failed/down), URL. `--json` adds uptime, transport, the server's last
-    activity and the tunnel's reconnection attempts and last error."""
+    (up/reconnecting/failed/down), URL. `--json` adds uptime, transport, who else can
+    connect (exposure: private, host or cluster), the server's last activity and the
+    tunnel's reconnection attempts and last error."""
     _setup_logging(verbose)
     if remote_host is not None:
         from jlremote.commands.status import remote_status
@@ -629,7 +630,8 @@ def doctor(
     """Check everything `start HOST` needs and say what to do about each problem: local
     ssh, the host's configuration, connecting and authenticating without a prompt, the
     remote shell, jupyter and its versions, TCP and Unix-socket forwarding, free space,
-    sessions already running. Exits non-zero when something `start` needs fails."""
+    sessions already running, and what other users of the host (with --slurm: of the
+    cluster) could reach. Exits non-zero when something `start` needs fails."""
     _setup_logging(verbose)
     from jlremote.commands.doctor import DoctorOptions
     from jlremote.commands.doctor import doctor as do_doctor
