@@ -111,11 +111,18 @@ def stream(argv: list[str], clean: Callable[[str], str]) -> int:
     def on_term(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt  # `kill` ends it as cleanly as Ctrl-C
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # SIGINT too: a process started in the background of a non-interactive shell inherits
+    # SIGINT ignored, and would then let ssh alone die of a `kill -INT`.
+    previous = {sig: signal.signal(sig, on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     try:
         child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     except FileNotFoundError:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
         raise JlremoteError(f"{argv[0]}: not found", ExitCode.NO_SSH) from None
     interrupted = False
     try:
@@ -133,7 +140,7 @@ def stream(argv: list[str], clean: Callable[[str], str]) -> int:
         interrupted = True
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
         if child.poll() is None:
             child.terminate()
             try:
