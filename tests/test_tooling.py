@@ -201,18 +201,19 @@ def test_logs_show_and_follow_the_server_log(jl: Jl, testbed: Testbed) -> None:
         os.killpg(follower.pid, signal.SIGINT)  # the user's Ctrl-C
         rc = follower.wait(15)
     assert rc == 130
+
     # No `tail` stays behind on the remote once the follower is gone.
-    wait_until(
-        lambda: (
-            not [
-                p
-                for p in testbed.remote_pids()
-                if b"tail" in Path(f"/proc/{p}/cmdline").read_bytes()
-            ]
-        ),
-        15,
-        "the remote tail to exit",
-    )
+    def remote_tails() -> list[int]:
+        tails = []
+        for p in testbed.remote_pids():
+            try:
+                if b"tail" in Path(f"/proc/{p}/cmdline").read_bytes():
+                    tails.append(p)
+            except OSError:  # it has just exited
+                continue
+        return tails
+
+    wait_until(lambda: not remote_tails(), 15, "the remote tail to exit")
     assert jl("logs", "nosuch").rc == 9
 
 
