@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,12 +129,9 @@ def stream(argv: list[str], clean: Callable[[str], str]) -> int:
         for raw in iter(child.stdout.readline, b""):
             sys.stdout.write(clean(raw.decode(errors="replace").rstrip("\n")) + "\n")
             sys.stdout.flush()
-        rc = child.wait()
-        if rc != 0:
-            # A Ctrl-C sent to the process group may end ssh (255) before Python runs its
-            # handler: give it the moment it needs, so that Ctrl-C always means 130.
-            time.sleep(0.05)
-        return rc
+        # A Ctrl-C to the process group reaches us as it reaches ssh (our handler is in
+        # place): if ssh ends first, the KeyboardInterrupt comes at the next bytecode.
+        return child.wait()
     except KeyboardInterrupt:
         interrupted = True
         return 130

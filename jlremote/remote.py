@@ -20,20 +20,16 @@ def run_script(
     timeout: float,
     what: str,
     stdin_text: str | None = None,
+    via: str = "",
 ) -> proc.Completed:
-    argv = ssh.command_argv(cfg, host, scripts.wrap(script))
+    """Run SCRIPT on HOST through jlremote's shared connection (or, with VIA, through the
+    tunnel's own master at that path: no login of its own)."""
+    command = scripts.wrap(script)
+    if via:
+        argv = ssh.via_master_argv(cfg, host, via, command)
+    else:
+        argv = ssh.command_argv(cfg, host, command)
     done = proc.run(argv, timeout=timeout, stdin_text=stdin_text, what=what)
-    if done.returncode == 255:
-        raise ssh.explain_failure(host, done.stderr)
-    return done
-
-
-def run_via_master(
-    cfg: ssh.SshConfig, host: str, path: str, script: str, what: str
-) -> proc.Completed:
-    """run_script through the tunnel's own master at PATH (no login of its own)."""
-    argv = ssh.via_master_argv(cfg, host, path, scripts.wrap(script))
-    done = proc.run(argv, timeout=cfg.connect_timeout + 15, what=what)
     if done.returncode == 255:
         raise ssh.explain_failure(host, done.stderr)
     return done
@@ -50,11 +46,8 @@ def prove_serving(cfg: ssh.SshConfig, host: str, server: RemoteServer, path: str
     the recorded process must still be alive and hold that port (for a job: the job,
     whose own process the server is, must still run with our comment). Otherwise another
     user may be listening there: raise (ExitCode.SERVER), so nothing is forwarded to it."""
-    if not needs_proof(server):
-        return
-    done = run_via_master(
-        cfg, host, path, scripts.probe_script([identity(server)]), f"checking {host}"
-    )
+    script = scripts.probe_script([identity(server)])
+    done = run_script(cfg, host, script, cfg.connect_timeout + 15, f"checking {host}", via=path)
     state = scripts.parse_probe_output(done.stdout).get(server.session_id)
     if done.returncode != 0 or state is None:
         raise JlremoteError(f"could not check the server on {host}", ExitCode.CONNECT)

@@ -132,13 +132,21 @@ def run_cell(url: str, kernel: str, code: str, timeout: float = 60) -> Reply:
 
 # Run by another user on the remote with the remote's Python (it has pyzmq): subscribe to
 # every listening TCP port of the remote's loopback and every Unix socket under the usual
-# places, print READY, listen for SECONDS, then print what it saw as JSON.
+# places, wait (bounded) until every TCP subscription is connected, print READY, listen for
+# SECONDS, then print what it saw as JSON (`connected`: the TCP subscriptions that were).
 EAVESDROPPER = r"""
-import json, os, stat, sys, time
+import json, os, socket, stat, sys, time
 import zmq
+from zmq.utils.monitor import recv_monitor_message as event
 secret, seconds = sys.argv[1].encode(), float(sys.argv[2])
 ctx = zmq.Context()
-ports, paths, socks = set(), [], []
+ports, paths, socks, monitors = set(), [], [], []
+def address(hex_addr):  # /proc/net/tcp*: 32-bit words in host (little-endian) order
+    raw = b"".join(bytes.fromhex(hex_addr[i:i + 8])[::-1] for i in range(0, len(hex_addr), 8))
+    if not any(raw):  # listening on every address: take the loopback
+        return "127.0.0.1" if len(raw) == 4 else "[::1]"
+    text = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+    return text if len(raw) == 4 else f"[{text}]"
 for name in ("/proc/net/tcp", "/proc/net/tcp6"):
     try:
         rows = open(name).read().splitlines()[1:]
@@ -147,7 +155,8 @@ for name in ("/proc/net/tcp", "/proc/net/tcp6"):
     for row in rows:
         cols = row.split()
         if cols[3] == "0A":
-            ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+            host, port = cols[1].rsplit(":", 1)
+            ports.add((address(host), int(port, 16)))
 for top in ("/tmp", "/home", "/run", "/var/tmp", "/dev/shm"):
     for root, dirs, files in os.walk(top, onerror=lambda e: None):
         for f in files:
@@ -157,16 +166,22 @@ for top in ("/tmp", "/home", "/run", "/var/tmp", "/dev/shm"):
                     paths.append(p)
             except OSError:
                 pass
-for port in ports:
-    for host in ("127.0.0.1", "[::1]"):
-        s = ctx.socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b""); s.setsockopt(zmq.LINGER, 0)
-        s.connect(f"tcp://{host}:{port}"); socks.append(s)
+for host, port in sorted(ports):
+    s = ctx.socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b""); s.setsockopt(zmq.LINGER, 0)
+    monitors.append(s.get_monitor_socket(zmq.EVENT_CONNECTED))
+    s.connect(f"tcp://{host}:{port}"); socks.append(s)
 for p in paths:
     s = ctx.socket(zmq.SUB); s.setsockopt(zmq.SUBSCRIBE, b""); s.setsockopt(zmq.LINGER, 0)
     s.connect("ipc://" + p); socks.append(s)
 poller = zmq.Poller()
 for s in socks:
     poller.register(s, zmq.POLLIN)
+waiting, end = set(range(len(monitors))), time.monotonic() + 10
+while waiting and time.monotonic() < end:
+    for i in list(waiting):
+        if monitors[i].poll(10) and event(monitors[i])["event"] == zmq.EVENT_CONNECTED:
+            waiting.discard(i)
+connected = len(monitors) - len(waiting)
 print("READY", flush=True)
 frames, seen = 0, False
 end = time.monotonic() + seconds
@@ -179,5 +194,6 @@ while time.monotonic() < end:
                 break
             frames += 1
             seen = seen or any(secret in part for part in parts)
-print(json.dumps({"ports": sorted(ports), "sockets": paths, "frames": frames, "seen": seen}))
+print(json.dumps({"ports": sorted(p for _, p in ports), "connected": connected,
+                  "sockets": paths, "frames": frames, "seen": seen}))
 """

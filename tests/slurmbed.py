@@ -244,25 +244,8 @@ class Cluster:
             f"  UserKnownHostsFile {w}/known_hosts\n  GlobalKnownHostsFile /dev/null\n"
             "  StrictHostKeyChecking yes\n  BatchMode yes\n"
         )
-        log = open(w / "sshd_node.log", "wb")  # noqa: SIM115 - owned by sshd
-        proc = subprocess.Popen(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.node_sshd = proc.pid
-
-        def listening() -> bool:
-            with contextlib.suppress(OSError), socket.create_connection((self.address, port), 1):
-                return True
-            return proc.poll() is not None
-
-        wait_until(listening, 10, "the node's sshd")
-        if proc.poll() is not None:
-            raise RuntimeError((w / "sshd_node.log").read_text())
-        return proc.pid
+        self.node_sshd = bed.spawn_sshd(conf.name, port, address=self.address)
+        return self.node_sshd
 
     def stop_node_sshd(self) -> None:
         pid = getattr(self, "node_sshd", 0)

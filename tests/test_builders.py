@@ -12,6 +12,8 @@ from jlremote import scripts, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.scripts import LaunchSpec, ServerIdentity
 
+# What every connection of ours says to leave out of the user's config.
+PRIVATE = ["-o", "ClearAllForwardings=yes", "-o", "ForwardAgent=no", "-o", "ForwardX11=no"]
 CFG = ssh.SshConfig(binary="/usr/bin/ssh", config_file=None, connect_timeout=7)
 CFG_F = ssh.SshConfig(binary="/usr/bin/ssh", config_file="/tmp/cfg", connect_timeout=7)
 CFG_CM = ssh.SshConfig(binary="/usr/bin/ssh", connect_timeout=7, control_dir="/run/jl")
@@ -21,12 +23,7 @@ def test_command_argv() -> None:
     assert ssh.command_argv(CFG, "gpubox", "true") == [
         "/usr/bin/ssh",
         "-T",
-        "-o",
-        "ClearAllForwardings=yes",
-        "-o",
-        "ForwardAgent=no",
-        "-o",
-        "ForwardX11=no",
+        *PRIVATE,
         "-o",
         "ConnectTimeout=7",
         "--",
@@ -37,12 +34,7 @@ def test_command_argv() -> None:
     assert ssh.command_argv(CFG_CM, "gpubox", "true") == [
         "/usr/bin/ssh",
         "-T",
-        "-o",
-        "ClearAllForwardings=yes",
-        "-o",
-        "ForwardAgent=no",
-        "-o",
-        "ForwardX11=no",
+        *PRIVATE,
         "-o",
         "ConnectTimeout=7",
         "-o",
@@ -74,12 +66,7 @@ def test_tunnel_argv() -> None:
         "-T",
         "-E",
         "/s/t.log",
-        "-o",
-        "ClearAllForwardings=yes",
-        "-o",
-        "ForwardAgent=no",
-        "-o",
-        "ForwardX11=no",
+        *PRIVATE,
         "-o",
         "ControlMaster=yes",
         "-o",
@@ -282,12 +269,7 @@ def test_mux_clients_read_no_config_and_masters_take_no_user_forwardings() -> No
         "-F",
         "/tmp/cfg",
         "-T",
-        "-o",
-        "ClearAllForwardings=yes",
-        "-o",
-        "ForwardAgent=no",
-        "-o",
-        "ForwardX11=no",
+        *PRIVATE,
         "-o",
         "ControlMaster=no",
         "-o",

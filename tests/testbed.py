@@ -231,8 +231,8 @@ class Testbed:
                 bed.nosock_port = _free_port()
             bed.busy_port = _free_port()
             bed._write_keys_and_configs()
-            bed.sshd_pid = bed._spawn_sshd("sshd_config", bed.port)
-            bed.nosock_pid = bed._spawn_sshd("sshd_config_nosock", bed.nosock_port)
+            bed.sshd_pid = bed.spawn_sshd("sshd_config", bed.port)
+            bed.nosock_pid = bed.spawn_sshd("sshd_config_nosock", bed.nosock_port)
         except BaseException:
             bed.close()
             raise
@@ -333,10 +333,12 @@ class Testbed:
                 + common.replace(f"User {self.user}", f"User {self.deep_user}")
             )
 
-    def _spawn_sshd(self, conf: str, port: int) -> int:
+    def spawn_sshd(self, conf: str, port: int, address: str = "") -> int:
+        """sshd with WORKDIR/CONF, in the remote's namespace, or with ADDRESS on this side
+        of the veth (the Slurm test cluster's compute node); returns once it listens."""
         w = Path(self.workdir)
         argv = [SSHD, "-D", "-e", "-f", f"{w}/{conf}"]
-        if self.netns:
+        if self.netns and not address:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log = open(w / f"{conf}.log", "wb")  # noqa: SIM115 - owned by sshd
@@ -345,7 +347,7 @@ class Testbed:
         )
         try:
             wait_until(
-                lambda: proc.poll() is not None or _port_open(self.remote_ip, port),
+                lambda: proc.poll() is not None or _port_open(address or self.remote_ip, port),
                 10,
                 f"sshd ({conf}) to listen",
             )

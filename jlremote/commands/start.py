@@ -213,10 +213,12 @@ def _reuse(
     except JlremoteError as exc:
         if exc.code in (ExitCode.CONNECT, ExitCode.AUTH, ExitCode.NO_SSH, ExitCode.LOCAL_PORT):
             raise
-        # No answer: the server may be gone. Ask the remote whether it is still ours.
-        state = remote.probe(cfg, session.host, [session.server], timeout=cfg.connect_timeout + 15)
-        if state.get(session.server.session_id) == "running":
-            raise
+        if exc.code != ExitCode.SERVER:  # SERVER: the re-open's own check found it gone
+            # No answer: the server may be gone. Ask the remote whether it is still ours.
+            probe_timeout = cfg.connect_timeout + 15
+            state = remote.probe(cfg, session.host, [session.server], timeout=probe_timeout)
+            if state.get(session.server.session_id) == "running":
+                raise
         _forget_gone(cfg, store, session)
         return None
     session = replace(session, tunnel=new_tunnel)
