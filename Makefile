@@ -84,13 +84,13 @@ test: system-deps dev testbed-venv lint docs
 # which would make every measured command compile jlremote from source).
 bench: system-deps dev testbed-venv
 	$(BIN)/python -m compileall -q jlremote
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.harness.bench
 
 recovery: system-deps dev testbed-venv
-	$(BIN)/python -m tests.recovery
+	$(BIN)/python -m tests.harness.recovery
 
 demo: system-deps dev testbed-venv
-	@$(BIN)/python -m tests.testbed up $(DEMO_DIR)
+	@$(BIN)/python -m tests.harness.testbed up $(DEMO_DIR)
 	@JLREMOTE_SSH_CONFIG=$(DEMO_DIR)/ssh_config JLREMOTE_STATE_DIR=$(DEMO_DIR)/state \
 	  $(BIN)/jlremote start remote --no-open
 	@echo
@@ -103,7 +103,7 @@ demo: system-deps dev testbed-venv
 demo-down: dev
 	@-JLREMOTE_SSH_CONFIG=$(DEMO_DIR)/ssh_config JLREMOTE_STATE_DIR=$(DEMO_DIR)/state \
 	  $(BIN)/jlremote stop --all --forget --grace 3
-	@$(BIN)/python -m tests.testbed down $(DEMO_DIR)
+	@$(BIN)/python -m tests.harness.testbed down $(DEMO_DIR)
 	@rm -rf $(DEMO_DIR)
 	@echo "demo sandbox removed"
 

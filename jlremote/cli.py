@@ -1,20 +1,17 @@
-"""The command line: parse arguments, call a command, render its result, map errors to exit
-codes. The only module that prints or exits."""
+"""The command line: declare the commands, call them, hand their results to render.py, and
+turn a JlremoteError into its exit code. The only module that exits."""
 
 from __future__ import annotations
 
-import json
+import inspect
 import logging
 import os
-import shutil
 import sys
-import threading
-import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
-from jlremote import __version__
+from jlremote import __version__, completion, options, render
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.terminal import clean
 
@@ -82,84 +79,6 @@ def _guarded(func: Any, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(int(ExitCode.ERROR)) from None
 
 
-def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    """Aligned columns; the last one is not padded (URLs are long)."""
-    table = [header, *[tuple(clean(c) for c in row) for row in rows]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
-        typer.echo("  ".join([*cells, row[-1]]))
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def _ago(iso: str | None) -> str:
-    """The server's last activity (an ISO time in UTC) as `5m ago`; `-` if unknown."""
-    if not iso:
-        return "-"
-    from datetime import datetime, timezone
-
-    try:
-        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return "-"
-    return _duration(max(0.0, (datetime.now(timezone.utc) - then).total_seconds())) + " ago"
-
-
-class _ProgressLine:
-    """One live line on stderr (a terminal only): the current step and the time so far,
-    redrawn in place, erased at the end. Stdout never sees it."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.text = ""
-        self.started = time.monotonic()
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._ticker: threading.Thread | None = None
-
-    def step(self, text: str) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self.text = text
-            self._draw()
-        if self._ticker is None:
-            self._ticker = threading.Thread(target=self._tick, daemon=True)
-            self._ticker.start()
-
-    def _tick(self) -> None:
-        while not self._done.wait(0.2):
-            with self._lock:
-                self._draw()
-
-    def _draw(self) -> None:
-        if self._done.is_set():
-            return
-        width = shutil.get_terminal_size((80, 24)).columns - 1
-        line = f"jlremote: {self.text} ({time.monotonic() - self.started:.1f}s)"
-        sys.stderr.write("\r\x1b[K" + line[:width])
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._done.set()
-            if self.enabled and self.text:
-                sys.stderr.write("\r\x1b[K")
-                sys.stderr.flush()
-
-
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"jlremote {__version__}")
@@ -207,123 +126,7 @@ def _want_browser(open_flag: bool | None) -> bool:
     )
 
 
-@app.command()
-def start(
-    host: Annotated[
-        str,
-        typer.Argument(
-            help="Anything ssh accepts: an alias from ~/.ssh/config, host, or user@host.",
-            autocompletion=_complete_hosts,
-            show_default=False,
-        ),
-    ],
-    name: Annotated[
-        str | None, typer.Option("--name", "-n", help="Session name (default: HOST).")
-    ] = None,
-    notebook: Annotated[
-        bool | None,
-        typer.Option("--notebook/--lab", help="Run classic Jupyter Notebook, or JupyterLab."),
-    ] = None,
-    port: Annotated[
-        int | None,
-        typer.Option(
-            "--port",
-            help="Preferred remote port (default: a free one the remote picks). "
-            "The port the server really binds is the one forwarded.",
-        ),
-    ] = None,
-    local_port: Annotated[
-        int | None,
-        typer.Option(
-            "--local-port", "-L", help="Local port (default: a free one). Busy is an error."
-        ),
-    ] = None,
-    directory: Annotated[
-        str | None,
-        typer.Option(
-            "--dir",
-            "-d",
-            help="Remote directory to serve (default: the remote home). "
-            "Relative paths and ~ are under the remote home.",
-        ),
-    ] = None,
-    env: Annotated[
-        str | None,
-        typer.Option(
-            "--env",
-            "-e",
-            help="Shell snippet run on the remote before jupyter, e.g. "
-            "'source ~/venv/bin/activate' or 'module load python'.",
-        ),
-    ] = None,
-    jupyter: Annotated[
-        str | None,
-        typer.Option("--jupyter", help="The jupyter executable on the remote [default: jupyter]."),
-    ] = None,
-    allow_root: Annotated[
-        bool | None,
-        typer.Option(
-            "--allow-root/--no-allow-root",
-            help="Pass --allow-root to Jupyter (it refuses root otherwise).",
-        ),
-    ] = None,
-    open_browser: Annotated[
-        bool | None,
-        typer.Option(
-            "--open/--no-open",
-            help="Open the browser (default: only on a terminal with a display).",
-        ),
-    ] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--timeout",
-            "-t",
-            help="Seconds to wait for the server to come up (default 60; with --slurm 300, "
-            "queue wait included).",
-            min=1,
-        ),
-    ] = None,
-    transport: Annotated[
-        str | None,
-        typer.Option(
-            "--transport",
-            help="How the server listens on the remote: `socket` (a 0600 Unix socket in the "
-            "private session directory: no remote port, no other user can connect), `tcp` "
-            "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work) "
-            "[default: auto].",
-        ),
-    ] = None,
-    attach: Annotated[
-        bool,
-        typer.Option(
-            "--attach",
-            help="Only attach to a server of this name already running on HOST (started from "
-            "any computer); never start one. Without it, such a server is attached to anyway.",
-        ),
-    ] = False,
-    use_slurm: Annotated[
-        bool | None,
-        typer.Option(
-            "--slurm/--no-slurm",
-            help="Run the server in a Slurm batch job on a compute node; HOST is the login "
-            "host, and the tunnel goes through it to the node.",
-        ),
-    ] = None,
-    sbatch: Annotated[
-        str | None,
-        typer.Option(
-            "--sbatch",
-            help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
-            "(each passed to sbatch as its own argument).",
-        ),
-    ] = None,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")
-    ] = False,
-    as_json: Json = False,
-    verbose: Verbose = False,
-) -> None:
+def _start(**given: Any) -> None:
     """Start JupyterLab on HOST (or reuse the running session) and print its URL.
 
     The URL, with its token, is the only line on stdout (or the JSON with `--json`), so
@@ -331,62 +134,86 @@ def start(
     the same URL and starts nothing new. On a terminal, one live line on stderr shows
     what it is doing.
     """
-    _setup_logging(verbose)
-    from jlremote.commands.start import StartOptions
+    _setup_logging(given.pop("verbose"))
     from jlremote.commands.start import start as do_start
+    from jlremote.progress import ProgressLine
     from jlremote.results import StartResult
 
-    given = {
-        "notebook": notebook,
-        "port": port,
-        "local_port": local_port,
-        "dir": directory,
-        "env": env,
-        "jupyter": jupyter,
-        "allow_root": allow_root,
-        "open": open_browser,
-        "timeout": timeout,
-        "transport": transport,
-        "slurm": use_slurm,
-        "sbatch": sbatch,
+    host, quiet, as_json = given.pop("host"), given.pop("quiet"), given.pop("as_json")
+    # The command line's values beat the profile's (None: not given there).
+    profiled = _profile(host, {o.key: given[name] for name, o in options.OPTIONS.items() if o.key})
+    values = {
+        name: profiled[o.key] if o.key else given[name] for name, o in options.OPTIONS.items()
     }
-    conf = _profile(host, given)
-    line = _ProgressLine(enabled=not quiet and not verbose and sys.stderr.isatty())
+    line = ProgressLine(
+        enabled=not quiet and not log.isEnabledFor(logging.DEBUG) and sys.stderr.isatty()
+    )
 
-    def run(opts: StartOptions) -> StartResult:
+    def run(opts: options.StartOptions) -> StartResult:
         try:
             return do_start(opts)
         finally:
             line.close()  # before any error is printed
 
-    result: StartResult = _guarded(
-        run,
-        StartOptions(
-            host=host,
-            name=name,
-            notebook=conf["notebook"],
-            port=conf["port"],
-            local_port=conf["local_port"],
-            directory=conf["dir"],
-            env=conf["env"],
-            jupyter=conf["jupyter"],
-            allow_root=conf["allow_root"],
-            timeout=conf["timeout"],
-            transport=conf["transport"],
-            attach=attach,
-            slurm=conf["slurm"],
-            sbatch=conf["sbatch"],
-            progress=line.step,
-        ),
-    )
-    if _want_browser(conf["open"]):
+    opts = options.StartOptions(host=host, **values, progress=line.step)
+    result: StartResult = _guarded(run, opts)
+    if _want_browser(opts.open_browser):
         from jlremote.browser import open_url
 
         _guarded(open_url, result.name, result.url)
     if as_json:
-        _print_json(result.to_json())
+        render.print_json(result.to_json())
     else:
         typer.echo(result.url)
+
+
+def _start_signature() -> inspect.Signature:
+    """start's parameters: HOST, then every option of options.StartOptions (from its
+    Opt: flags, help; an option a profile may set defaults to None, "not given"), then
+    the output options."""
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [
+        inspect.Parameter(
+            "host",
+            keyword,
+            annotation=Annotated[
+                str,
+                typer.Argument(
+                    help="Anything ssh accepts: an alias from ~/.ssh/config, host, or user@host.",
+                    autocompletion=completion.hosts,
+                    show_default=False,
+                ),
+            ],
+        )
+    ]
+    for name, o in options.OPTIONS.items():
+        default = None if o.key else options.DEFAULTS[name]
+        kind: Any = o.kind if default is not None else Optional[o.kind]  # noqa: UP045
+        option = typer.Option(
+            o.flags[0],
+            *o.flags[1:],
+            help=o.help,
+            min=1 if o.positive else None,
+            show_default=default is not None,
+        )
+        params.append(
+            inspect.Parameter(name, keyword, default=default, annotation=Annotated[kind, option])
+        )
+    for name, annotation in (
+        (
+            "quiet",
+            Annotated[bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")],
+        ),
+        ("as_json", Json),
+        ("verbose", Verbose),
+    ):
+        params.append(inspect.Parameter(name, keyword, default=False, annotation=annotation))
+    return inspect.Signature(params)
+
+
+_start.__signature__ = _start_signature()  # type: ignore[attr-defined]
+_start.__annotations__ = {}
+app.command("start")(_start)
 
 
 @app.command()
@@ -394,7 +221,7 @@ def status(
     name: Annotated[
         str | None,
         typer.Argument(
-            help="Only this session.", autocompletion=_complete_sessions, show_default=False
+            help="Only this session.", autocompletion=completion.sessions, show_default=False
         ),
     ] = None,
     remote_host: Annotated[
@@ -420,64 +247,17 @@ def status(
 
         found = _guarded(remote_status, remote_host)
         if as_json:
-            _print_json([r.to_json() for r in found])
-        elif found:
-            _print_table(
-                ("NAME", "SESSION", "PID", "TRANSPORT", "HERE"),
-                [
-                    (
-                        r.name,
-                        r.session_id,
-                        str(r.server_pid),
-                        r.transport,
-                        "yes" if r.local else "no",
-                    )
-                    for r in found
-                ],
-            )
+            render.print_json([r.to_json() for r in found])
+        else:
+            render.remote_status(found)
         return
     from jlremote.commands.status import status as do_status
 
     rows = _guarded(do_status, name, offline)
     if as_json:
-        _print_json([r.to_json() for r in rows])
-        return
-    if not rows:
-        if sys.stderr.isatty():
-            typer.echo("no sessions", err=True)
-        return
-    jobs = any(r.job_id for r in rows)
-    _print_table(
-        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE")
-        + (("JOB", "NODE", "STATE", "LEFT") if jobs else ())
-        + ("URL",),
-        [
-            (
-                r.name,
-                r.host,
-                r.server,
-                r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
-                _duration(r.uptime_s),
-                _ago(r.last_activity),
-            )
-            + (
-                (r.job_id or "-", r.node or "-", r.job_state or "-", r.time_left or "-")
-                if jobs
-                else ()
-            )
-            + (r.url,)
-            for r in rows
-        ],
-    )
-    for r in rows:
-        if r.error:
-            typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
-        if r.tunnel_error and r.tunnel != "up":
-            typer.echo(
-                f"jlremote: {r.name}: tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): "
-                f"{r.tunnel_error}",
-                err=True,
-            )
+        render.print_json([r.to_json() for r in rows])
+    else:
+        render.status(rows)
 
 
 @app.command()
@@ -486,7 +266,7 @@ def stop(
         str | None,
         typer.Argument(
             help="The session to stop (optional when there is only one).",
-            autocompletion=_complete_sessions,
+            autocompletion=completion.sessions,
             show_default=False,
         ),
     ] = None,
@@ -512,39 +292,16 @@ def stop(
 
     outcome = _guarded(do_stop, name, all_sessions, forget, grace)
     if as_json:
-        _print_json([r.to_json() for r in outcome.results])
+        render.print_json([r.to_json() for r in outcome.results])
     if outcome.failure is not None:
         raise _fail(outcome.failure)
-
-
-def _complete_sessions(incomplete: str) -> list[str]:
-    """Session names from the state file (for shell completion; never fails)."""
-    try:
-        from jlremote.paths import state_dir
-        from jlremote.state import StateStore
-
-        return sorted(n for n in StateStore(state_dir()).read() if n.startswith(incomplete))
-    except Exception:
-        return []
-
-
-def _complete_hosts(incomplete: str) -> list[str]:
-    """Host aliases from the ssh configuration and config.toml (for shell completion)."""
-    try:
-        from jlremote import config, ssh
-
-        names = set(ssh.config_hosts())
-        names.update(h for h in config.load().hosts if not any(c in h for c in "*?["))
-        return sorted(n for n in names if n.startswith(incomplete))
-    except Exception:
-        return []
 
 
 SessionName = Annotated[
     str | None,
     typer.Argument(
         help="The session (optional when there is only one).",
-        autocompletion=_complete_sessions,
+        autocompletion=completion.sessions,
         show_default=False,
     ),
 ]
@@ -573,7 +330,7 @@ def logs(
         raise typer.Exit(rc)
     result = _guarded(logs_cmd.logs, name, lines)
     if as_json:
-        _print_json(result.to_json())
+        render.print_json(result.to_json())
     else:
         for line in result.lines:
             typer.echo(clean(line))
@@ -592,7 +349,7 @@ def open_(
 
     result = _guarded(open_session, name)
     if as_json:
-        _print_json(result.to_json())
+        render.print_json(result.to_json())
 
 
 @app.command()
@@ -601,7 +358,7 @@ def doctor(
         str,
         typer.Argument(
             help="The host to check, as you would give it to `start`.",
-            autocompletion=_complete_hosts,
+            autocompletion=completion.hosts,
             show_default=False,
         ),
     ],
@@ -649,14 +406,9 @@ def doctor(
         ),
     )
     if as_json:
-        _print_json(result.to_json())
+        render.print_json(result.to_json())
     else:
-        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
-        width = max(len(c.name) for c in result.checks)
-        for c in result.checks:
-            typer.echo(f"{marks[c.status]}  {c.name.ljust(width)}  {c.detail}")
-            if c.fix and c.status in ("fail", "warn"):
-                typer.echo(f"{' ' * (width + 8)}fix: {c.fix}")
+        render.doctor(result)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -674,7 +426,7 @@ def config_show(
         str | None,
         typer.Argument(
             help="Show what `start HOST` would use (default: the global settings).",
-            autocompletion=_complete_hosts,
+            autocompletion=completion.hosts,
             show_default=False,
         ),
     ] = None,
@@ -687,7 +439,7 @@ def config_show(
     conf = _guarded(config.load)
     settings = conf.settings(host)
     if as_json:
-        _print_json(
+        render.print_json(
             {
                 "path": str(conf.path),
                 "exists": conf.exists,
@@ -696,33 +448,23 @@ def config_show(
             }
         )
         return
-    _print_table(
-        ("KEY", "VALUE", "SOURCE"),
-        [(s.key, json.dumps(s.value), s.source) for s in settings],
-    )
+    render.settings([(s.key, s.value, s.source) for s in settings])
 
 
-COMPLETION_SHELLS = ("bash", "zsh", "fish")
-
-
-@app.command()
-def completion(
+@app.command("completion")
+def completion_(
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print the shell completion script for SHELL, e.g. in a dotfiles installer:
     `jlremote completion bash > ~/.local/share/bash-completion/completions/jlremote`.
     Unlike --show-completion, it never guesses the shell from the parent process."""
-    if shell not in COMPLETION_SHELLS:
+    if shell not in completion.SHELLS:
         raise _fail(
             JlremoteError(
                 f"completion: SHELL must be bash, zsh or fish, not {shell!r}", ExitCode.USAGE
             )
         )
-    # The completion protocol of typer's click: this variable makes it print the script.
-    os.environ["_JLREMOTE_COMPLETE"] = f"source_{shell}"
-    typer.main.get_command(app).main(
-        args=[], prog_name="jlremote", complete_var="_JLREMOTE_COMPLETE"
-    )
+    completion.print_script(typer.main.get_command(app), shell)
 
 
 @config_app.command("path")
@@ -732,7 +474,7 @@ def config_path(as_json: Json = False) -> None:
 
     path = config.config_path()
     if as_json:
-        _print_json({"path": str(path), "exists": path.exists()})
+        render.print_json({"path": str(path), "exists": path.exists()})
     else:
         typer.echo(str(path))
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jlremote import options
 from jlremote.errors import ExitCode, JlremoteError
 
 if sys.version_info >= (3, 11):
@@ -37,28 +38,24 @@ FILE_NAME = "config.toml"
 
 @dataclass(frozen=True)
 class Key:
-    """One setting a profile may hold: its type and jlremote's own default."""
+    """One setting a profile may hold: its type, jlremote's own default, and the start
+    option it sets (options.py defines them all)."""
 
     kind: type
     default: Any
     help: str
+    option: str
 
 
 KEYS: dict[str, Key] = {
-    "env": Key(str, None, "shell snippet run on the remote before jupyter"),
-    "jupyter": Key(str, "jupyter", "the jupyter executable on the remote"),
-    "dir": Key(str, None, "remote directory to serve"),
-    "notebook": Key(bool, False, "classic Notebook instead of Lab"),
-    "port": Key(int, None, "preferred remote port"),
-    "local_port": Key(int, None, "local port"),
-    "allow_root": Key(bool, False, "pass --allow-root to Jupyter"),
-    "open": Key(bool, None, "open the browser after start (default: on a terminal with a display)"),
-    "timeout": Key(float, None, "seconds to wait (default 60; 300 with slurm)"),
-    "transport": Key(str, "auto", "auto, socket or tcp"),
-    "slurm": Key(bool, False, "run the server in a Slurm batch job"),
-    "sbatch": Key(str, "", "extra sbatch options"),
+    key: Key(
+        options.OPTIONS[name].kind,
+        getattr(options.DEFAULTS[name], "value", options.DEFAULTS[name]),
+        options.OPTIONS[name].help,
+        name,
+    )
+    for key, name in options.PROFILE_KEYS.items()
 }
-_CHOICES = {"transport": ("auto", "socket", "tcp")}
 
 
 def config_path() -> Path:
@@ -162,12 +159,9 @@ def _check(path: Path, text: str, host: str | None, key: str, value: Any) -> Any
     if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
         want = {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}
         _bad(path, text, host, key, f"must be {want[spec.kind]}, not {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        _bad(path, text, host, key, f"must be one of {', '.join(_CHOICES[key])}, not {value!r}")
-    if key in ("port", "local_port") and not 1 <= value <= 65535:
-        _bad(path, text, host, key, f"{value} is not a port")
-    if key == "timeout" and value <= 0:
-        _bad(path, text, host, key, "must be more than 0 seconds")
+    why = options.problem(spec.option, value)
+    if why is not None:
+        _bad(path, text, host, key, why)
     return value
 
 

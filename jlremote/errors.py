@@ -24,12 +24,20 @@ class ExitCode(IntEnum):
 class JlremoteError(Exception):
     """An error a user can act on: one line of text plus an exit code."""
 
-    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR, detail: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        code: ExitCode = ExitCode.ERROR,
+        detail: str = "",
+        remote_code: int = 0,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         # Extra lines (e.g. the tail of a remote log) shown after the message.
         self.detail = detail
+        # The exit code of the remote script that failed (scripts.Rc), if one did.
+        self.remote_code = remote_code
 
     def __str__(self) -> str:
         return self.message

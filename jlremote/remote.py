@@ -1,4 +1,5 @@
-"""Things done on the remote: each is one `ssh HOST -- <script>` built by scripts.py."""
+"""Things done on the remote: each is one `ssh HOST -- <script>` (scripts.py), read back
+by protocol.py; the scripts' exit codes become jlremote's in one table, OUTCOMES."""
 
 from __future__ import annotations
 
@@ -6,17 +7,65 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from jlremote import proc, scripts, slurm, ssh
+from jlremote import proc, protocol, scripts, slurm, ssh
 from jlremote.errors import ExitCode, JlremoteError
+from jlremote.scripts import Rc
 from jlremote.state import RemoteServer, Tunnel
 
 log = logging.getLogger(__name__)
+
+_ON_PATH = (
+    "put it on PATH with --env (e.g. 'source ~/venv/bin/activate' or 'module load python'), "
+    "or give --jupyter /path/to/jupyter"
+)
+
+# What each exit code of a remote script means to the user: jlremote's exit code, and a
+# hint added to the script's own message. Codes not listed keep the caller's default.
+OUTCOMES: dict[int, tuple[ExitCode, str]] = {
+    Rc.SESSION_DIR: (ExitCode.REMOTE_ENV, ""),
+    Rc.NO_TOKEN: (ExitCode.SERVER, ""),
+    Rc.ENV_FAILED: (ExitCode.REMOTE_ENV, ""),
+    Rc.NO_DIR: (ExitCode.REMOTE_ENV, ""),
+    Rc.SERVER_EXITED: (ExitCode.SERVER, ""),
+    Rc.SERVER_TIMEOUT: (ExitCode.SERVER, ""),
+    Rc.NO_ENTRY: (ExitCode.NO_SESSION, ""),
+    Rc.NO_SBATCH: (ExitCode.REMOTE_ENV, ""),
+    Rc.SBATCH_FAILED: (ExitCode.REMOTE_ENV, ""),
+    Rc.NO_SUBCOMMAND: (
+        ExitCode.REMOTE_ENV,
+        "pip install jupyterlab there (notebook, for --notebook), or point --env/--jupyter at "
+        "an environment that has it",
+    ),
+    Rc.NEEDS_ROOT: (ExitCode.SERVER, "it refuses to run as root without --allow-root"),
+    Rc.NO_SOCKET: (ExitCode.SERVER, ""),
+    Rc.SLURM_SILENT: (ExitCode.ERROR, ""),
+    Rc.NOT_FOUND: (ExitCode.REMOTE_ENV, _ON_PATH),
+}
+
+
+def remote_message(stderr: str, fallback: str) -> tuple[str, str]:
+    """Our script's own `jlremote: ...` line (the message) and what followed it (detail)."""
+    lines = stderr.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("jlremote: "):
+            return line[len("jlremote: ") :], "\n".join(lines[i + 1 :])
+    return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES :])
+
+
+def failure(
+    rc: int, said: str, fallback: str, default: ExitCode, prefix: str = ""
+) -> JlremoteError:
+    """The error for a script that exited with RC, having SAID (its stderr) so."""
+    msg, detail = remote_message(said, fallback)
+    code, hint = OUTCOMES.get(rc, (default, ""))
+    text = prefix + msg + (f" ({hint})" if hint else "")
+    return JlremoteError(text, code, detail=detail, remote_code=rc)
 
 
 def run_script(
     cfg: ssh.SshConfig,
     host: str,
-    script: str,
+    script: scripts.Script,
     timeout: float,
     what: str,
     stdin_text: str | None = None,
@@ -24,7 +73,7 @@ def run_script(
 ) -> proc.Completed:
     """Run SCRIPT on HOST through jlremote's shared connection (or, with VIA, through the
     tunnel's own master at that path: no login of its own)."""
-    command = scripts.wrap(script)
+    command = script.command()
     if via:
         argv = ssh.via_master_argv(cfg, host, via, command)
     else:
@@ -33,6 +82,203 @@ def run_script(
     if done.returncode == 255:
         raise ssh.explain_failure(host, done.stderr)
     return done
+
+
+def ask(
+    cfg: ssh.SshConfig,
+    host: str,
+    script: scripts.Script,
+    timeout: float,
+    what: str,
+    default: ExitCode,
+    stdin_text: str | None = None,
+    via: str = "",
+) -> protocol.Reply:
+    """run_script, then its reply; a failed script is an error (OUTCOMES, else DEFAULT)."""
+    done = run_script(cfg, host, script, timeout, what, stdin_text, via)
+    if done.returncode != 0:
+        raise failure(
+            done.returncode, done.stderr, f"{what} failed (exit {done.returncode})", default
+        )
+    return protocol.parse(done.stdout)
+
+
+def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
+    """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
+    for a password or 2FA, before anything runs in parallel."""
+    proc_done = proc.run(
+        ssh.command_argv(cfg, host, "true"), timeout=timeout, what=f"connecting to {host}"
+    )
+    if proc_done.returncode == 255:
+        raise ssh.explain_failure(host, proc_done.stderr)
+
+
+def release(cfg: ssh.SshConfig, host: str) -> None:
+    """Close jlremote's control connection to HOST, if there is one."""
+    if ssh.control_path(cfg):
+        proc.run(ssh.control_exit_argv(cfg, host), timeout=10, what="ssh -O exit")
+
+
+# ---- a server on the host ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchReport:
+    """A server as a script reports it (a launch, or a registry entry)."""
+
+    pid: int
+    started: str
+    cmdline: str
+    session_dir: str
+    port: int
+    base_url: str
+    version: str
+    sock: str = ""
+    # Set for a registry entry (a server that was already running: an attach).
+    session_id: str = ""
+    name: str = ""
+    kind: str = ""
+    token: str = ""
+
+
+def report_of(record: protocol.Record) -> LaunchReport:
+    """A launch's (or a registry entry's) record as a LaunchReport."""
+    entry = record.get("ENTRY")
+    data = record.info_json()
+    try:
+        if entry and not scripts.is_session_id(entry):
+            raise ValueError(f"bad session id {entry!r}")
+        if data is None:
+            raise ValueError("no runtime JSON")
+        return LaunchReport(
+            pid=int(record.get("PID")),
+            started=record.get("START"),
+            cmdline=record.get("ARGS"),
+            session_dir=record.get("DIR"),
+            port=int(data["port"]),
+            base_url=str(data.get("base_url") or "/"),
+            version=str(data.get("version", "")),
+            sock=str(data.get("sock") or ""),
+            session_id=entry,
+            name=record.get("NAME"),
+            kind=record.get("KIND"),
+            token=str(data.get("token") or ""),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise JlremoteError(
+            "could not understand the remote's answer (is the login shell POSIX-like?)",
+            ExitCode.SERVER,
+        ) from exc
+
+
+def entries_of(reply: protocol.Reply) -> list[LaunchReport]:
+    """The registry entries of a reply; an id that is not a whole id is skipped (it would
+    name files and sockets here)."""
+    return [
+        report_of(entry) for entry in reply.entries if scripts.is_session_id(entry.get("ENTRY"))
+    ]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """The server `launch` started, or found already running under the same name (then
+    `attached_token` is that server's token)."""
+
+    server: RemoteServer
+    attached_token: str | None = None
+
+
+def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
+    """Start the server on `host` (or find the live one of that name); the token goes over
+    stdin, never into an argv."""
+    reply = ask(
+        cfg,
+        host,
+        scripts.launch(spec),
+        timeout=spec.timeout + cfg.connect_timeout + 15,
+        what=f"starting the server on {host}",
+        default=ExitCode.SERVER,
+        stdin_text=token + "\n",
+    )
+    if reply.entries:
+        report = report_of(reply.entries[0])
+        log.info("attaching to the running session %s on %s", spec.name, host)
+        return Launched(server_of(report), attached_token=report.token)
+    report = replace(report_of(reply.head), session_id=spec.session_id, kind=spec.subcommand)
+    if spec.transport == "tcp" and report.port == 0:
+        # jupyter_server < 2.20 advertises port 0 when asked for a random one.
+        stop(
+            cfg,
+            host,
+            scripts.ServerIdentity(spec.session_id, report.pid, report.started, report.cmdline),
+            grace=5,
+        )
+        raise JlremoteError(
+            "the remote jupyter_server is too old to report its port; pass --port N "
+            "(e.g. --port 8888) or upgrade jupyter_server",
+            ExitCode.SERVER,
+        )
+    return Launched(server_of(report))
+
+
+def server_of(report: LaunchReport) -> RemoteServer:
+    """A reported server as a RemoteServer."""
+    return RemoteServer(
+        session_id=report.session_id,
+        pid=report.pid,
+        started=report.started,
+        cmdline=report.cmdline,
+        port=report.port,
+        base_url=report.base_url,
+        session_dir=report.session_dir,
+        notebook=report.kind == "notebook",
+        version=report.version,
+        sock=report.sock,
+    )
+
+
+def list_sessions(cfg: ssh.SshConfig, host: str, timeout: float) -> list[LaunchReport]:
+    """Every live jlremote server of this user on HOST, from any client (dead entries are
+    removed on the way)."""
+    reply = ask(cfg, host, scripts.listing(), timeout, f"listing {host}", ExitCode.CONNECT)
+    return entries_of(reply)
+
+
+def identity(server: RemoteServer) -> scripts.ServerIdentity:
+    """What proves a remote process is this server."""
+    tcp = not server.sock and not server.job_id
+    return scripts.ServerIdentity(
+        server.session_id,
+        server.pid,
+        server.started,
+        server.cmdline,
+        server.job_id,
+        port=server.port if tcp else 0,
+    )
+
+
+def probe_jobs(
+    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float, via: str = ""
+) -> tuple[dict[str, str], dict[str, slurm.JobState]]:
+    """One ssh call: for each server's session id, `running`, `gone` or `foreign` (no
+    entry: Slurm could not tell), and what Slurm says about the jobs of job servers."""
+    script = scripts.probe([identity(s) for s in servers])
+    reply = ask(cfg, host, script, timeout, f"checking {host}", ExitCode.CONNECT, via=via)
+    states = dict(_pair(line) for line in reply.head.all("PROBE"))
+    jobs = {sid: slurm.parse_job_state(line) for sid, line in map(_pair, reply.head.all("JOB"))}
+    return states, jobs
+
+
+def _pair(line: str) -> tuple[str, str]:
+    first, _, rest = line.partition(" ")
+    return first, rest.strip()
+
+
+def probe(
+    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
+) -> dict[str, str]:
+    """probe_jobs() without the jobs."""
+    return probe_jobs(cfg, host, servers, timeout)[0]
 
 
 def needs_proof(server: RemoteServer) -> bool:
@@ -46,10 +292,14 @@ def prove_serving(cfg: ssh.SshConfig, host: str, server: RemoteServer, path: str
     the recorded process must still be alive and hold that port (for a job: the job,
     whose own process the server is, must still run with our comment). Otherwise another
     user may be listening there: raise (ExitCode.SERVER), so nothing is forwarded to it."""
-    script = scripts.probe_script([identity(server)])
-    done = run_script(cfg, host, script, cfg.connect_timeout + 15, f"checking {host}", via=path)
-    state = scripts.parse_probe_output(done.stdout).get(server.session_id)
-    if done.returncode != 0 or state is None:
+    try:
+        states, _ = probe_jobs(cfg, host, [server], cfg.connect_timeout + 15, via=path)
+    except JlremoteError as exc:
+        if not exc.remote_code:  # ssh's own failure: as it is
+            raise
+        raise JlremoteError(f"could not check the server on {host}", ExitCode.CONNECT) from exc
+    state = states.get(server.session_id)
+    if state is None:
         raise JlremoteError(f"could not check the server on {host}", ExitCode.CONNECT)
     if state != "running":
         raise JlremoteError(
@@ -66,170 +316,52 @@ def proof_of(
     return lambda master: prove_serving(cfg, host, server, master.control_path)
 
 
-def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
-    """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
-    for a password or 2FA, before anything runs in parallel."""
-    run_script(cfg, host, "true", timeout=timeout, what=f"connecting to {host}")
-
-
-def release(cfg: ssh.SshConfig, host: str) -> None:
-    """Close jlremote's control connection to HOST, if there is one."""
-    if ssh.control_path(cfg):
-        proc.run(ssh.control_exit_argv(cfg, host), timeout=10, what="ssh -O exit")
-
-
-def remote_message(stderr: str, fallback: str) -> tuple[str, str]:
-    """Our script's own `jlremote: ...` line (the message) and what followed it (detail)."""
-    lines = stderr.strip().splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith("jlremote: "):
-            return line[len("jlremote: ") :], "\n".join(lines[i + 1 :])
-    return fallback, "\n".join(lines[-scripts.LOG_TAIL_LINES :])
-
-
-@dataclass(frozen=True)
-class Launched:
-    """The server `launch` started, or found already running under the same name (then
-    `attached_token` is that server's token)."""
-
-    server: RemoteServer
-    attached_token: str | None = None
-
-
-def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
-    """Start the server on `host` (or find the live one of that name); the token goes over
-    stdin, never into an argv."""
-    done = run_script(
-        cfg,
-        host,
-        scripts.launch_script(spec),
-        timeout=spec.timeout + cfg.connect_timeout + 15,
-        what=f"starting the server on {host}",
-        stdin_text=token + "\n",
-    )
-    rc = done.returncode
-    if rc != 0:
-        msg, detail = remote_message(done.stderr, f"the remote start-up failed (exit {rc})")
-        if rc == scripts.RC_NOT_FOUND:
-            raise JlremoteError(
-                f"{msg} (put it on PATH with --env 'source ~/venv/bin/activate', or give "
-                "--jupyter /path/to/jupyter)",
-                ExitCode.REMOTE_ENV,
-            )
-        if rc == scripts.RC_NO_ENTRY:
-            raise JlremoteError(msg, ExitCode.NO_SESSION)
-        if rc in (scripts.RC_NO_DIR, scripts.RC_ENV_FAILED, scripts.RC_SESSION_DIR):
-            raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
-        if rc == scripts.RC_SERVER_EXITED and "not found" in detail and "Jupyter command" in detail:
-            missing = "notebook" if spec.notebook else "jupyterlab"
-            raise JlremoteError(
-                f"'{spec.jupyter} {spec.subcommand}' is not installed on the remote "
-                f"(pip install {missing} there, or point --env/--jupyter at an environment "
-                "that has it)",
-                ExitCode.REMOTE_ENV,
-                detail=detail,
-            )
-        if rc in (scripts.RC_SERVER_EXITED, scripts.RC_SERVER_TIMEOUT):
-            if "as root is not recommended" in detail or "--allow-root" in detail:
-                msg += " (it refuses to run as root without --allow-root)"
-            raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
-        raise JlremoteError(msg, ExitCode.SERVER, detail=detail)
-    report = scripts.parse_launch_output(done.stdout)
-    if report.session_id:
-        log.info("attaching to the running session %s on %s", spec.name, host)
-        return Launched(server_of(report), attached_token=report.token)
-    if spec.transport == "tcp" and report.port == 0:
-        # jupyter_server < 2.20 advertises port 0 when asked for a random one.
-        stop(cfg, host, _identity(spec.session_id, report), grace=5)
-        raise JlremoteError(
-            "the remote jupyter_server is too old to report its port; pass --port N "
-            "(e.g. --port 8888) or upgrade jupyter_server",
-            ExitCode.SERVER,
-        )
-    # The report of a server we just started: the same shape as a registry entry.
-    return Launched(server_of(replace(report, session_id=spec.session_id, kind=spec.subcommand)))
-
-
-def server_of(report: scripts.LaunchReport) -> RemoteServer:
-    """A registry entry as a RemoteServer."""
-    return RemoteServer(
-        session_id=report.session_id,
-        pid=report.pid,
-        started=report.started,
-        cmdline=report.cmdline,
-        port=report.port,
-        base_url=report.base_url,
-        session_dir=report.session_dir,
-        notebook=report.kind == "notebook",
-        version=report.version,
-        sock=report.sock,
-    )
-
-
-def list_sessions(cfg: ssh.SshConfig, host: str, timeout: float) -> list[scripts.LaunchReport]:
-    """Every live jlremote server of this user on HOST, from any client (dead entries are
-    removed on the way)."""
-    done = run_script(cfg, host, scripts.list_script(), timeout=timeout, what=f"listing {host}")
-    if done.returncode != 0:
-        msg, _ = remote_message(done.stderr, f"listing {host} failed (exit {done.returncode})")
-        raise JlremoteError(msg, ExitCode.CONNECT)
-    return scripts.parse_list_output(done.stdout)
-
-
-def _identity(session_id: str, report: scripts.LaunchReport) -> scripts.ServerIdentity:
-    return scripts.ServerIdentity(session_id, report.pid, report.started, report.cmdline)
-
-
-def identity(server: RemoteServer) -> scripts.ServerIdentity:
-    """What proves a remote process is this server."""
-    tcp = not server.sock and not server.job_id
-    return scripts.ServerIdentity(
-        server.session_id,
-        server.pid,
-        server.started,
-        server.cmdline,
-        server.job_id,
-        port=server.port if tcp else 0,
-    )
-
-
-def probe(
-    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
-) -> dict[str, str]:
-    """One ssh call: for each server's session id, `running`, `gone` or `foreign`."""
-    return probe_jobs(cfg, host, servers, timeout)[0]
-
-
 def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0) -> str:
     """Stop exactly this server and remove its session directory; returns what happened:
     `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""
-    script = scripts.stop_script(server, grace=grace)
-    done = run_script(
-        cfg, host, script, timeout=grace + cfg.connect_timeout + 15, what=f"stopping on {host}"
+    timeout = grace + cfg.connect_timeout + 15
+    reply = ask(
+        cfg, host, scripts.stop(server, grace), timeout, f"stopping on {host}", ExitCode.ERROR
     )
-    state = scripts.parse_stop_output(done.stdout)
-    if done.returncode != 0 or state is None:
-        msg, _ = remote_message(done.stderr, f"stopping on {host} failed (exit {done.returncode})")
-        raise JlremoteError(msg, ExitCode.ERROR)
+    state = reply.head.get("STOP")
+    if not state:
+        raise JlremoteError(f"stopping on {host} failed (no answer)", ExitCode.ERROR)
     return state
+
+
+def read_log(cfg: ssh.SshConfig, host: str, session_id: str, lines: int) -> list[str]:
+    """The last LINES lines of a session's server log."""
+    done = run_script(
+        cfg,
+        host,
+        scripts.logs(session_id, lines, follow=False),
+        timeout=cfg.connect_timeout + 30,
+        what=f"reading the log on {host}",
+    )
+    if done.returncode != 0:
+        fallback = f"reading the log failed ({done.returncode})"
+        raise failure(done.returncode, done.stderr, fallback, ExitCode.ERROR)
+    return done.stdout.splitlines()
 
 
 # ---- a server in a Slurm batch job -----------------------------------------------------
 
 
-def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tuple[str, str]:
+def submit(
+    cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, sbatch: tuple[str, ...], token: str
+) -> tuple[str, str]:
     """Submit the session's job on the login host HOST; returns the job id and the session
     directory. The token goes over stdin into a 0600 file in the session directory."""
     done = run_script(
         cfg,
         host,
-        slurm.submit_script(job),
+        scripts.submit(spec, sbatch),
         timeout=cfg.connect_timeout + 60,
         what=f"submitting the job on {host}",
         stdin_text=token + "\n",
     )
     rc = done.returncode
-    if rc == slurm.RC_SBATCH_FAILED:
+    if rc == Rc.SBATCH_FAILED:
         lines = [ln.strip() for ln in done.stderr.strip().splitlines() if ln.strip()]
         said = [
             ln.removeprefix("sbatch: error: ") for ln in lines if not ln.startswith("jlremote: ")
@@ -239,15 +371,13 @@ def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tup
             f"sbatch refused the job: {why}", ExitCode.REMOTE_ENV, detail="\n".join(said[:-1])
         )
     if rc != 0:
-        msg, detail = remote_message(done.stderr, f"submitting the job failed (exit {rc})")
-        raise JlremoteError(msg, ExitCode.REMOTE_ENV, detail=detail)
-    reported: dict[str, str] = {}
-    for line in done.stdout.splitlines():
-        key, _, value = line.partition(" ")
-        reported[key] = value
-    job_id = reported.get("JLREMOTE-JOB", "").strip()
+        raise failure(
+            rc, done.stderr, f"submitting the job failed (exit {rc})", ExitCode.REMOTE_ENV
+        )
+    reply = protocol.parse(done.stdout)
+    job_id = reply.head.get("JOB").strip()
     if scripts.is_job_id(job_id):
-        return job_id, reported.get("JLREMOTE-DIR", "").strip()
+        return job_id, reply.head.get("DIR").strip()
     raise JlremoteError(
         f"sbatch on {host} did not report a job id", ExitCode.SERVER, detail=done.stdout
     )
@@ -255,76 +385,67 @@ def submit(cfg: ssh.SshConfig, host: str, job: slurm.JobSpec, token: str) -> tup
 
 @dataclass(frozen=True)
 class JobPoll:
-    """One look at the job: its state, the server once it is up, and (once the job has
-    ended) the last lines of its log."""
+    """One look at the job: its state (None when Slurm was not asked, or could not tell),
+    its node once it runs there, the job script's own exit code if it failed, the server's
+    runtime facts once it is up, and (once the job has ended) its log's last lines."""
 
-    poll: slurm.JobPoll
-    log_tail: str
+    job: slurm.JobState | None
+    node: str = ""
+    address: str = ""
+    failed: int = 0
+    info: dict[str, object] | None = None
+    log_tail: str = ""
+
+
+def _job_poll(reply: protocol.Reply, stderr: str) -> JobPoll:
+    head = reply.head
+    job = slurm.parse_job_state(head.get("JOBSTATE")) if head.has("JOBSTATE") else None
+    node, _, address = head.get("NODE").partition(" ")
+    failed = head.get("FAILED").strip()
+    return JobPoll(
+        job,
+        node=node,
+        address=address.strip(),
+        failed=int(failed) if failed.isdigit() else 0,
+        info=head.info_json(),
+        log_tail=stderr.strip(),
+    )
 
 
 def poll_job(
     cfg: ssh.SshConfig, host: str, session_id: str, job_id: str, ask_slurm: bool = True
 ) -> JobPoll:
     """The job's state (with ASK_SLURM), and its server's runtime facts once it is up."""
-    script = slurm.poll_script(session_id, job_id, ask_slurm)
-    return _job_script(cfg, host, script, f"asking {host} about job {job_id}")
+    script = scripts.poll(session_id, job_id, ask_slurm)
+    done = run_script(
+        cfg, host, script, cfg.connect_timeout + 15, f"asking {host} about job {job_id}"
+    )
+    return _job_poll(protocol.parse(done.stdout), done.stderr)
 
 
 def set_route(cfg: ssh.SshConfig, host: str, session_id: str, route: str) -> None:
     """Tell the session's job how its node is reached (`sock` or `tcp`)."""
-    done = run_script(
-        cfg, host, slurm.route_script(session_id, route), cfg.connect_timeout + 15, "routing"
-    )
-    if done.returncode != 0:
-        msg, _ = remote_message(
-            done.stderr, f"telling the job its route failed (exit {done.returncode})"
-        )
-        raise JlremoteError(msg, ExitCode.SERVER)
+    script = scripts.route(session_id, route)
+    ask(cfg, host, script, cfg.connect_timeout + 15, "telling the job its route", ExitCode.SERVER)
 
 
 def cancel_job(cfg: ssh.SshConfig, host: str, session_id: str, job_id: str) -> JobPoll:
     """scancel the job (if still ours) and remove its session directory; returns its last
     state and the tail of its log."""
-    script = slurm.cancel_script(session_id, job_id)
-    return _job_script(cfg, host, script, f"cancelling job {job_id} on {host}")
+    script = scripts.cancel(session_id, job_id)
+    done = run_script(cfg, host, script, cfg.connect_timeout + 15, f"cancelling job {job_id}")
+    return _job_poll(protocol.parse(done.stdout), done.stderr)
 
 
-def _job_script(cfg: ssh.SshConfig, host: str, script: str, what: str) -> JobPoll:
-    done = run_script(cfg, host, script, timeout=cfg.connect_timeout + 15, what=what)
-    return JobPoll(slurm.parse_poll_output(done.stdout), done.stderr.strip())
-
-
-def probe_jobs(
-    cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
-) -> tuple[dict[str, str], dict[str, slurm.JobState]]:
-    """probe(), plus what Slurm says about the jobs of job servers."""
-    script = scripts.probe_script([identity(s) for s in servers])
-    done = run_script(cfg, host, script, timeout=timeout, what=f"checking {host}")
-    if done.returncode != 0:
-        msg, _ = remote_message(done.stderr, f"checking {host} failed (exit {done.returncode})")
-        raise JlremoteError(msg, ExitCode.CONNECT)
-    jobs = {
-        sid: slurm.parse_job_state(line)
-        for sid, line in scripts.parse_probe_jobs(done.stdout).items()
-    }
-    return scripts.parse_probe_output(done.stdout), jobs
-
-
-def job_failure(job_id: str, state: slurm.JobState, log_tail: str) -> JlremoteError:
-    """The error for a job that ended before its server was up, from its log's tail."""
+def job_failure(job_id: str, poll: JobPoll) -> JlremoteError:
+    """The error for a job that ended before its server was up: by the job script's own
+    exit code when it failed itself, else by what Slurm says."""
+    state = poll.job or slurm.JobState()
     ended = state.state.lower() if state.state else "ended"
-    msg, detail = remote_message(log_tail, f"job {job_id} {ended} before the server started")
-    if msg.endswith("not found on the compute node"):
-        return JlremoteError(
-            f"job {job_id}: {msg} (put it on PATH with --env 'source ~/venv/bin/activate' or "
-            "'module load ...', or give --jupyter /path/to/jupyter)",
-            ExitCode.REMOTE_ENV,
-            detail=detail,
-        )
-    if "--env" in msg or "directory not found" in msg:
-        return JlremoteError(f"job {job_id}: {msg}", ExitCode.REMOTE_ENV, detail=detail)
-    if msg.startswith("job "):
+    fallback = f"job {job_id} {ended} before the server started"
+    if poll.failed:
+        return failure(poll.failed, poll.log_tail, fallback, ExitCode.SERVER, f"job {job_id}: ")
+    msg, detail = remote_message(poll.log_tail, fallback)
+    if msg == fallback:
         return JlremoteError(msg, ExitCode.SERVER, detail=detail)
-    return JlremoteError(
-        f"job {job_id} {ended} before the server started: {msg}", ExitCode.SERVER, detail=detail
-    )
+    return JlremoteError(f"{fallback}: {msg}", ExitCode.SERVER, detail=detail)

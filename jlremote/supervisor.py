@@ -78,56 +78,36 @@ def argv_for(name: str, wait: float) -> list[str]:
     return [sys.executable, *safe_path, "-m", MODULE, name, f"{wait:g}"]
 
 
-def spawn(name: str, wait: float = 30.0) -> tuple[int, float]:
-    """Start the supervisor of NAME; returns its PID and create time. It takes up its
-    work once the session's record names it, and gives up if none does within WAIT
-    seconds: so `start` can spawn it early, while the server boots."""
-    import psutil
-
+def spawn(name: str, wait: float = 30.0) -> proc.Owned:
+    """Start the supervisor of NAME. It takes up its work once the session's record names
+    it, and gives up if none does within WAIT seconds: so `start` can spawn it early,
+    while the server boots. It lowers its own priority (main())."""
     logs = ensure_private_dir(state_dir() / "logs")
     pid = proc.spawn_detached(
         argv_for(name, wait), logs / f"{name}.supervisor.log", cwd=ensure_private_dir(state_dir())
     )
-    return pid, psutil.Process(pid).create_time()
+    started = proc.owned(pid)
+    return owned(name, started.pid, started.created)
+
+
+def owned(name: str, pid: int | None, created: float | None) -> proc.Owned:
+    """The supervisor of NAME known as PID + CREATED: its argv names the module and NAME."""
+    return proc.Owned(pid, created, (MODULE, name))
+
+
+def of(session: Session) -> proc.Owned:
+    """SESSION's recorded supervisor."""
+    return owned(session.name, session.supervisor_pid, session.supervisor_created)
 
 
 def process_of(session: Session) -> Any:
-    """The live supervisor of SESSION (a psutil.Process) if PID, create time and command
-    line all match, else None."""
-    return _process(session.name, session.supervisor_pid, session.supervisor_created)
-
-
-def _process(name: str, pid: int | None, created: float | None) -> Any:
-    if pid is None or created is None:
-        return None
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        if abs(p.create_time() - created) > 0.01 or p.uids().real != os.getuid():
-            return None
-        cmd = p.cmdline()
-        if MODULE not in cmd or name not in cmd or p.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return p
-    except psutil.Error:
-        return None
+    """The live supervisor of SESSION if PID, create time and command line all match."""
+    return of(session).process()
 
 
 def stop(session: Session, grace: float = 3.0) -> bool:
     """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
-    return stop_process(session.name, session.supervisor_pid, session.supervisor_created, grace)
-
-
-def stop_process(name: str, pid: int | None, created: float | None, grace: float = 3.0) -> bool:
-    """Terminate the supervisor of NAME known as PID + CREATED (recorded or not yet)."""
-    p = _process(name, pid, created)
-    if p is None:
-        log.debug("supervisor %s (pid %s): not running", name, pid)
-        return False
-    log.debug("stopping supervisor %s (pid %d)", name, p.pid)
-    tunnel.terminate(p, grace)
-    return True
+    return of(session).stop(grace)
 
 
 def _mine(session: Session | None) -> bool:

@@ -165,49 +165,18 @@ def open_tunnel(
         raise
 
 
+def owned(tunnel: Tunnel) -> proc.Owned:
+    """The tunnel's ssh: its PID, create time and control socket (in its argv)."""
+    return proc.Owned(tunnel.pid, tunnel.create_time, (tunnel.control_path,))
+
+
 def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
     """The live tunnel process, only if PID, start time and command line all still match."""
-    if tunnel.pid is None or tunnel.create_time is None or not tunnel.control_path:
-        return None
-    import psutil
-
-    try:
-        p = psutil.Process(tunnel.pid)
-        if abs(p.create_time() - tunnel.create_time) > 0.01 or p.uids().real != os.getuid():
-            return None
-        if not any(tunnel.control_path in arg for arg in p.cmdline()):
-            return None
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return p
-    except psutil.Error:
-        return None
+    return owned(tunnel).process()
 
 
-def terminate(p: psutil.Process, grace: float) -> None:
-    """TERM, wait up to GRACE seconds, then KILL. A zombie counts as gone: it only waits
-    for whoever reaps it, which for an orphan can take a while."""
-    import psutil
-
-    def gone() -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    for sig in (p.terminate, p.kill):
-        try:
-            sig()
-        except psutil.NoSuchProcess:
-            return
-        except psutil.AccessDenied:  # not ours after all: never a reason to crash
-            log.warning("not allowed to signal process %d; left it alone", p.pid)
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if gone():
-                return
-            time.sleep(0.01)
+def is_up(tunnel: Tunnel) -> bool:
+    return owned(tunnel).alive()
 
 
 def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
@@ -216,14 +185,12 @@ def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
     A master that no record names (its start was interrupted) still holds the control
     socket; only then are processes searched for it.
     """
-    p = tunnel_process(tunnel)
-    if p is not None:
-        terminate(p, grace)
+    was_up = owned(tunnel).stop(grace)
     if tunnel.control_path and os.path.exists(tunnel.control_path):
         _kill_masters(tunnel.control_path, grace)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tunnel.control_path)
-    return p is not None
+    return was_up
 
 
 def _kill_masters(control_path: str, grace: float) -> None:
@@ -239,7 +206,7 @@ def _kill_masters(control_path: str, grace: float) -> None:
         except psutil.Error:
             continue
         if mine and marker in cmd and "-N" in cmd:
-            terminate(q, grace)
+            proc.terminate(q, grace)
 
 
 def api_status(local_port: int, base_url: str, token: str, timeout: float) -> dict[str, Any] | None:

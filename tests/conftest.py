@@ -1,116 +1,18 @@
-"""Fixtures: the real test remote (tests/testbed.py) and a runner of the real CLI."""
+"""Fixtures: the real test remote (tests/harness/testbed.py) and a runner of the real CLI
+(`jl`, against it); `cli`, a runner that needs no remote (no root, no sshd)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.testbed import Testbed
-
-
-@dataclass
-class Result:
-    rc: int
-    stdout: str
-    stderr: str
-
-    @property
-    def url(self) -> str:
-        return self.stdout.strip().splitlines()[-1]
-
-    def json(self):  # type: ignore[no-untyped-def]
-        return json.loads(self.stdout)
-
-
-class Jl:
-    """Runs `python -m jlremote ...` as a real process, with its own state dir."""
-
-    def __init__(self, env: dict[str, str], state_dir: Path, runtime_dir: Path) -> None:
-        self.env = env
-        self.state_dir = state_dir
-        self.runtime_dir = runtime_dir
-
-    def __call__(
-        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
-    ) -> Result:
-        proc = subprocess.run(
-            [sys.executable, "-m", "jlremote", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env or self.env,
-            stdin=subprocess.DEVNULL,
-        )
-        return Result(proc.returncode, proc.stdout, proc.stderr)
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "jlremote", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def sessions(self) -> dict[str, dict]:  # type: ignore[type-arg]
-        path = self.state_dir / "sessions.json"
-        if not path.exists():
-            return {}
-        return json.loads(path.read_text())["sessions"]  # type: ignore[no-any-return]
-
-
-def http_get(url: str, token: str | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    """GET through the tunnel; (status, body). Connection failures are status 0."""
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"token {token}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except OSError:
-        return 0, b""
-
-
-def token_of(url: str) -> str:
-    return url.split("token=", 1)[1]
-
-
-def api(url: str, path: str) -> str:
-    """http://127.0.0.1:P/lab?token=T -> http://127.0.0.1:P/<path>"""
-    base = url.split("?", 1)[0].rsplit("/", 1)[0]
-    return f"{base}/{path}"
-
-
-def kill_supervisors(state_dir: Path) -> list[int]:
-    """Kill (and name) the tunnel supervisors that serve STATE_DIR."""
-    import psutil
-
-    killed = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "jlremote.supervisor" in (p.info["cmdline"] or []) and p.environ().get(
-                "JLREMOTE_STATE_DIR"
-            ) == str(state_dir):
-                p.kill()
-                killed.append(p.pid)
-        except psutil.Error:
-            continue
-    return killed
+from tests.harness.cli import Jl, kill_supervisors
+from tests.harness.testbed import Testbed
 
 
 @pytest.fixture(scope="session")
@@ -145,3 +47,19 @@ def jl(testbed: Testbed, tmp_path: Path) -> Iterator[Jl]:
         f"{pid}: {testbed.killed_argv.get(pid, '?')}" for pid in stray_local
     )
     assert not stray_remote, f"remote processes left behind: {stray_remote}"
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Jl:
+    """A CLI runner with its own state and config, and no remote: for what must fail
+    (or answer) before any connection."""
+    state = tmp_path / "state"
+    env = dict(
+        os.environ,
+        JLREMOTE_STATE_DIR=str(state),
+        JLREMOTE_CONFIG=str(tmp_path / "config.toml"),
+        JLREMOTE_RUNTIME_DIR=str(tmp_path / "run"),
+        JLREMOTE_SSH_CONFIG=str(tmp_path / "no_ssh_config"),
+    )
+    env.pop("DISPLAY", None)
+    return Jl(env, state, tmp_path / "run")

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jlremote import proc, scripts, slurm, ssh, tunnel
+from jlremote import proc, protocol, scripts, slurm, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
-from jlremote.remote import release, run_script
+from jlremote.remote import entries_of, release, run_script
 from jlremote.results import Check, DoctorResult
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,47 @@ class DoctorOptions:
     timeout: float = 10.0
     slurm: bool = False  # also check what `start --slurm` needs on the login host
     sbatch: str = ""
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """What doctor.sh reported."""
+
+    shell: str = ""
+    os: str = ""
+    free_kb: int | None = None
+    env_failed: bool = False
+    jupyter: str = ""
+    versions: dict[str, str] | None = None
+    sessions: tuple[str, ...] = ()
+    slurm_missing: tuple[str, ...] = ()  # of sbatch, squeue, scancel
+    partitions: dict[str, str] | None = None  # name ("*" marks the default) -> up/down/...
+    home: str = ""
+
+
+def read_doctor(reply: protocol.Reply) -> DoctorReport:
+    head = reply.head
+    versions = dict(_words2(v) for v in head.all("V"))
+    partitions = dict(_words2(v) for v in head.all("SLURM-PART"))
+    missing = [c for c, path in map(_words2, head.all("SLURM-BIN")) if not path]
+    free = head.get("DF").strip()
+    return DoctorReport(
+        shell=head.get("SHELL").strip(),
+        home=head.get("HOME").strip(),
+        os=head.get("OS").strip(),
+        free_kb=int(free) if free.isdigit() else None,
+        env_failed=head.has("ENV-FAILED"),
+        jupyter=head.get("JUPYTER").strip(),
+        versions=versions,
+        sessions=tuple(entry.name for entry in entries_of(reply)),
+        slurm_missing=tuple(missing),
+        partitions=partitions,
+    )
+
+
+def _words2(value: str) -> tuple[str, str]:
+    first, _, rest = value.partition(" ")
+    return first, rest.strip()
 
 
 def _connect_fix(host: str, failure: JlremoteError) -> str:
@@ -121,17 +162,15 @@ def doctor(opts: DoctorOptions) -> DoctorResult:
     return result()
 
 
-def _remote_checks(
-    cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
-) -> scripts.DoctorReport:
+def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> DoctorReport:
     done = run_script(
         cfg,
         host,
-        scripts.doctor_script(opts.env, opts.jupyter, opts.slurm),
+        scripts.doctor(opts.env, opts.jupyter, opts.slurm),
         timeout=cfg.connect_timeout + 30,
         what=f"checking {host}",
     )
-    report = scripts.parse_doctor_output(done.stdout)
+    report = read_doctor(protocol.parse(done.stdout))
     if opts.slurm:
         _slurm_check(report, opts, add)
     shell = report.shell.rsplit("/", 1)[-1]
@@ -213,7 +252,7 @@ def _remote_checks(
 
 
 def _privacy_check(
-    report: scripts.DoctorReport, sock_ok: bool | None, opts: DoctorOptions, add: _Add
+    report: DoctorReport, sock_ok: bool | None, opts: DoctorOptions, add: _Add
 ) -> None:
     """What other users of the host (and of the cluster) can reach of a session there."""
     common = "kernels talk over Unix sockets in a 0700 directory, the token is in a 0600 file"
@@ -296,7 +335,7 @@ def _node_route_check(cfg: ssh.SshConfig, host: str, add: _Add) -> None:
         )
 
 
-def _slurm_check(report: scripts.DoctorReport, opts: DoctorOptions, add: _Add) -> None:
+def _slurm_check(report: DoctorReport, opts: DoctorOptions, add: _Add) -> None:
     """sbatch, squeue and scancel on the login host's PATH, and the asked-for partition."""
     if report.slurm_missing:
         add(
@@ -361,14 +400,12 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
     done = run_script(
         cfg,
         host,
-        scripts.forward_probe_script(probe_id, opts.env),
+        scripts.forward_probe(probe_id, opts.env),
         timeout=cfg.connect_timeout + 30,
         what="starting the forwarding test",
     )
-    words = next(
-        (ln.split() for ln in done.stdout.splitlines() if ln.startswith("JLREMOTE-FWD ")), []
-    )
-    if len(words) < 3 or not words[1].isdigit():
+    words = protocol.parse(done.stdout).head.get("FWD").split()
+    if len(words) < 2 or not words[0].isdigit():
         for name in ("tcp-forward", "socket-forward"):
             add(
                 Check(
@@ -379,7 +416,7 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
                 )
             )
         return None
-    remote_port, remote_sock = int(words[1]), words[2]
+    remote_port, remote_sock = int(words[0]), words[1]
     logfile = ensure_private_dir(state_dir() / "logs") / f"doctor-{probe_id}.log"
     master = None
     tcp_ok = sock_ok = False
@@ -400,9 +437,7 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
             tunnel.close_tunnel(master)
         if not (tcp_ok and sock_ok):  # greeted twice, the listener has gone by itself
             with contextlib.suppress(JlremoteError):
-                run_script(
-                    cfg, host, scripts.forward_probe_cleanup(probe_id), timeout=20, what="cleanup"
-                )
+                run_script(cfg, host, scripts.forward_cleanup(probe_id), timeout=20, what="cleanup")
         with contextlib.suppress(FileNotFoundError):
             logfile.unlink()
     if tcp_ok:

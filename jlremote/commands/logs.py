@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from jlremote import proc, remote, scripts, ssh, supervisor, tunnel
+from jlremote import proc, remote, scripts, ssh
+from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import LogResult, OpenResult
@@ -20,18 +21,11 @@ def logs(name: str | None, lines: int = 50) -> LogResult:
         raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
     session = StateStore(state_dir()).pick(name)
     cfg = ssh.SshConfig.from_environment()
-    done = remote.run_script(
-        cfg,
-        session.host,
-        scripts.log_script(session.server.session_id, lines, follow=False),
-        timeout=cfg.connect_timeout + 30,
-        what=f"reading the log on {session.host}",
-    )
-    if done.returncode != 0:
-        msg, _ = remote.remote_message(done.stderr, f"reading the log failed ({done.returncode})")
-        code = ExitCode.NO_SESSION if done.returncode == scripts.RC_NO_ENTRY else ExitCode.ERROR
-        raise JlremoteError(f"{session.name}: {msg}", code)
-    return LogResult(session.name, session.host, done.stdout.splitlines())
+    try:
+        lines_read = remote.read_log(cfg, session.host, session.server.session_id, lines)
+    except JlremoteError as exc:
+        raise JlremoteError(f"{session.name}: {exc.message}", exc.code) from None
+    return LogResult(session.name, session.host, lines_read)
 
 
 def follow(name: str | None, lines: int = 50) -> int:
@@ -41,9 +35,9 @@ def follow(name: str | None, lines: int = 50) -> int:
         raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
     session = StateStore(state_dir()).pick(name)
     cfg = ssh.SshConfig.from_environment()
-    script = scripts.log_script(session.server.session_id, lines, follow=True)
-    rc = proc.stream(ssh.command_argv(cfg, session.host, scripts.wrap(script)), clean)
-    if rc == scripts.RC_NO_ENTRY:
+    script = scripts.logs(session.server.session_id, lines, follow=True)
+    rc = proc.stream(ssh.command_argv(cfg, session.host, script.command()), clean)
+    if rc == scripts.Rc.NO_ENTRY:
         raise JlremoteError(
             f"{session.name}: the server log is gone (the session has ended)", ExitCode.NO_SESSION
         )
@@ -57,8 +51,9 @@ def open_session(name: str | None) -> OpenResult:
     from jlremote.browser import open_url
 
     session = StateStore(state_dir()).pick(name)
-    if tunnel.tunnel_process(session.tunnel) is None:
-        if supervisor.process_of(session) is None:
+    state = lifecycle.tunnel_state(session)
+    if state != "up":
+        if state != "reconnecting":
             raise JlremoteError(
                 f"the tunnel of session {session.name!r} is down; `jlremote start "
                 f"{session.host}` re-opens it (and opens the browser with --open)",

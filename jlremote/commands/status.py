@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from jlremote import remote, slurm, ssh, supervisor, tunnel
+from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
@@ -61,20 +62,14 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         server = "running" if probed == "running" else ("gone" if probed else "unknown")
         report = supervisor.read_status(s.name)
         activity = None
-        if tunnel.tunnel_process(s.tunnel) is not None:
-            state = "up"
+        state = lifecycle.tunnel_state(s)
+        if state == "up":
             api = (
                 None
                 if offline
                 else tunnel.api_status(s.tunnel.local_port, s.server.base_url, s.token, timeout=2.0)
             )
             activity = str(api["last_activity"]) if api and "last_activity" in api else None
-        elif supervisor.process_of(s) is not None:
-            state = "reconnecting"
-        elif report is not None and report.state == "failed":
-            state = "failed"
-        else:
-            state = "down"
         rows.append(
             StatusRow(
                 name=s.name,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
-from jlremote import browser, remote, ssh, supervisor, tunnel
+from jlremote import remote, ssh
+from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import StopResult
@@ -61,8 +61,7 @@ def _stop_one(
         session = store.read().get(name)
         if session is None:  # stopped by someone else meanwhile
             raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
-        supervisor.stop(session)  # first, or it would re-open the tunnel
-        closed = tunnel.close_tunnel(session.tunnel)
+        closed = lifecycle.close_local(session)
         try:
             server = remote.stop(cfg, session.host, remote.identity(session.server), grace)
         except JlremoteError as exc:
@@ -80,13 +79,5 @@ def _stop_one(
                 session.server.pid,
                 session.host,
             )
-        with contextlib.suppress(FileNotFoundError):
-            supervisor.status_path(name).unlink()
-        browser.remove_page(name)
-        with store.transaction() as sessions:
-            sessions.pop(name, None)
-            last_on_host = not any(s.host == session.host for s in sessions.values())
-        if last_on_host:  # nothing left to share our control connection
-            with contextlib.suppress(JlremoteError):
-                remote.release(cfg, session.host)
+        lifecycle.forget(cfg, store, name)
         return StopResult(name, session.host, server, "closed" if closed else "down")

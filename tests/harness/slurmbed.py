@@ -1,4 +1,4 @@
-"""A real one-node Slurm cluster beside the test remote (tests/testbed.py), for --slurm.
+"""A real one-node Slurm cluster beside the test remote (tests/harness/testbed.py), for --slurm.
 
 The login host is the test remote (sshd in its network namespace). munged, slurmctld and
 slurmd run here, on the host side of the veth pair, so the compute node is reachable from
@@ -6,8 +6,8 @@ the login host only by that address: a tunnel that pointed at the login host's o
 loopback would find nothing. Jobs run as the remote's unprivileged user. Config, state,
 logs and the munge key live in DIR/slurm; nothing is started by systemd.
 
-    python -m tests.slurmbed up DIR     # on a testbed made with `python -m tests.testbed up DIR`
-    python -m tests.slurmbed down DIR
+    python -m tests.harness.slurmbed up DIR     # on a bed from `python -m tests.harness.testbed up`
+    python -m tests.harness.slurmbed down DIR
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.testbed import Testbed, wait_until
+from tests.harness.testbed import Testbed, wait_until
 
 NODE = "jlrnode"
 DAEMONS = ("munged", "slurmctld", "slurmd")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Jl, api, http_get, kill_supervisors, token_of
-from tests.test_e2e import assert_nothing_left, assert_one_error_line
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.e2e.test_start import assert_nothing_left
+from tests.harness.cli import Jl, api, assert_one_error_line, http_get, kill_supervisors, token_of
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def with_config(jl: Jl, tmp_path: Path, text: str) -> dict[str, str]:
@@ -79,39 +79,6 @@ def test_a_profile_shapes_start_and_the_command_line_beats_it(
     assert glob["notebook"]["source"].endswith("[hosts.remote-*]")
     text = jl("config", "show", ALIAS, env=env).stdout
     assert re.search(r"^dir\s+\"proj\"\s+\S+config.toml \[hosts.remote\]$", text, re.M), text
-
-
-def test_config_path_honours_the_environment(jl: Jl, tmp_path: Path) -> None:
-    env = dict(jl.env)
-    env.pop("JLREMOTE_CONFIG", None)
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
-    assert jl("config", "path", env=env).stdout == f"{tmp_path}/xdg/jlremote/config.toml\n"
-    env["JLREMOTE_CONFIG"] = str(tmp_path / "mine.toml")
-    assert jl("config", "path", "--json", env=env).json() == {
-        "path": str(tmp_path / "mine.toml"),
-        "exists": False,
-    }
-
-
-@pytest.mark.parametrize(
-    ("text", "words"),
-    [
-        (
-            '[hosts.remote]\ndir = "a"\nnotebok = true\n',
-            ["line 3", "hosts.remote.notebok", "'notebook'"],
-        ),
-        ('timeout = "soon"\n', ["line 1", "timeout", "must be a number"]),
-        ("[hosts.remote\n", ["not valid TOML", "line 1"]),
-    ],
-)
-def test_a_bad_config_file_names_file_line_and_key(
-    jl: Jl, testbed: Testbed, tmp_path: Path, text: str, words: list[str]
-) -> None:
-    env = with_config(jl, tmp_path, text)
-    r = jl("start", ALIAS, env=env)
-    assert r.rc == 2
-    assert_one_error_line(r.stderr, str(tmp_path / "config.toml"), *words)
-    assert_nothing_left(testbed, jl)
 
 
 def test_doctor_passes_on_a_good_host_and_explains_failures(jl: Jl, testbed: Testbed) -> None:
@@ -357,26 +324,3 @@ def test_readme_quick_start_runs_as_written(jl: Jl, testbed: Testbed) -> None:
     assert_nothing_left(testbed, jl)
 
 
-def test_completion_prints_the_script_for_a_named_shell(jl: Jl) -> None:
-    """From a script or a dotfiles installer (no interactive parent shell to guess)."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = dict(jl.env, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    for shell, marker in (
-        ("bash", "_jlremote_completion()"),
-        ("zsh", "#compdef jlremote"),
-        ("fish", "complete --command jlremote"),
-    ):
-        out = subprocess.run(
-            ["sh", "-c", f"jlremote completion {shell}"], env=env, capture_output=True, text=True
-        )
-        assert out.returncode == 0 and marker in out.stdout, out.stderr
-    # The bash script really completes: the commands that start with "st".
-    script = (
-        'eval "$(jlremote completion bash)"; COMP_WORDS=(jlremote st); COMP_CWORD=1; '
-        '_jlremote_completion jlremote; printf "%s\\n" "${COMPREPLY[@]}"'
-    )
-    words = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
-    assert set(words.stdout.split()) >= {"start", "status", "stop"}, words.stderr
-    bad = jl("completion", "tcsh")
-    assert bad.rc == 2
-    assert_one_error_line(bad.stderr, "SHELL must be bash, zsh or fish")

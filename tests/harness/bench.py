@@ -1,6 +1,6 @@
 """`make bench`: jlremote against its baselines, measured side by side in one run.
 
-Brings up the test-bed remote (tests/testbed.py), alternates each measurement with its
+Brings up the test-bed remote (tests/harness/testbed.py), alternates each measurement with its
 baseline over several runs, and prints median/min/max, the ratio and the target. These
 are figures for a report, not tests: nothing here asserts.
 """
@@ -21,8 +21,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.slurmbed import Cluster, available
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.harness.slurmbed import Cluster, available
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 JL = [sys.executable, "-m", "jlremote"]

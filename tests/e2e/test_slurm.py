@@ -1,5 +1,5 @@
 """`start --slurm` end to end: the real CLI, the namespace remote as the login host, and a
-real one-node Slurm cluster (tests/slurmbed.py) whose node is reachable from the login
+real one-node Slurm cluster (tests/harness/slurmbed.py) whose node is reachable from the login
 host only by its own address."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Jl, api, http_get, token_of
-from tests.slurmbed import NODE, Cluster, available
-from tests.test_e2e import assert_nothing_left, assert_one_error_line, jupyter_pids
-from tests.test_tooling import run_under_pty
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.e2e.test_start import assert_nothing_left, jupyter_pids
+from tests.e2e.test_tooling import run_under_pty
+from tests.harness.cli import Jl, api, assert_one_error_line, http_get, token_of
+from tests.harness.slurmbed import NODE, Cluster, available
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -220,7 +220,7 @@ def test_a_controller_that_does_not_answer_is_not_taken_for_an_ended_job(
 
 
 def test_kernels_in_a_job_talk_over_private_sockets(sjl: Jl, testbed: Testbed) -> None:
-    from tests.kernels import new_kernel, run_cell
+    from tests.harness.kernels import new_kernel, run_cell
 
     r = sjl("start", ALIAS, "--slurm")
     assert r.rc == 0, r.stderr

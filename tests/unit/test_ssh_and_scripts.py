@@ -1,4 +1,5 @@
-"""Unit tests of the pure parts: ssh argv, remote scripts and their parsers."""
+"""Unit tests of the pure parts: ssh argv, the remote scripts (run here, under sh and bash)
+and the one parser of what they print."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jlremote import scripts, ssh
+from jlremote import protocol, remote, scripts, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.scripts import LaunchSpec, ServerIdentity
 
@@ -179,20 +180,43 @@ def test_jupyter_argv() -> None:
     ]
 
 
-def _sh_value(expr: str, home: str) -> str:
-    out = subprocess.run(
-        ["sh", "-c", f"printf %s {expr}"],
+def _run(
+    script: scripts.Script, home: Path, stdin: str = "", path: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """SCRIPT as ssh would run it: its command line, given to a shell."""
+    return subprocess.run(
+        ["sh", "-c", script.command()],
+        input=stdin,
         capture_output=True,
         text=True,
-        env={"HOME": home, "PATH": os.environ["PATH"]},
-        check=True,
+        timeout=30,
+        env={"HOME": str(home), "PATH": path or os.environ["PATH"]},
     )
-    return out.stdout
+
+
+def test_every_script_parses_under_sh_and_bash() -> None:
+    names = sorted(p.stem for p in scripts.SH_DIR.glob("*.sh") if p.stem != "lib")
+    assert len(names) >= 13
+    for name in names:
+        for shell in ("sh", "bash"):
+            done = subprocess.run([shell, "-n", "-c", scripts.Script(name).text])
+            assert done.returncode == 0, (name, shell)
+    assert subprocess.run(["bash", "-n", "-c", scripts.job_text()]).returncode == 0
+
+
+def test_the_exit_codes_of_lib_sh_are_rc() -> None:
+    import re
+
+    named = dict(re.findall(r"^\s*RC_([A-Z_]+)=(\d+)", scripts.source("lib.sh"), re.M))
+    assert {k: int(v) for k, v in named.items()} == {rc.name: rc.value for rc in scripts.Rc}
+    # and every code has its meaning for the user (remote.OUTCOMES)
+    assert set(remote.OUTCOMES) == set(scripts.Rc)
 
 
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
+        ("", "/h"),
         ("~", "/h"),
         ("~/proj dir", "/h/proj dir"),
         ("/data/x", "/data/x"),
@@ -201,42 +225,81 @@ def _sh_value(expr: str, home: str) -> str:
     ],
 )
 def test_remote_paths_are_literal(path: str, expected: str) -> None:
-    assert _sh_value(scripts.remote_path_expr(path), "/h") == expected
+    text = scripts.source("lib.sh") + '\nremote_path "$1"\n'
+    out = subprocess.run(
+        ["sh", "-c", text, "sh", path], capture_output=True, text=True, env={"HOME": "/h"}
+    )
+    assert out.stdout == expected + "\n"
 
 
-def test_launch_script_quotes_and_never_holds_the_token() -> None:
+HOSTILE = "x'; touch /tmp/jlremote-pwned; '$(id)"
+
+
+def test_launch_gets_every_value_as_an_argument_and_never_the_token() -> None:
     spec = LaunchSpec(
         "0123456789abcdef",
-        directory="it's here",
+        directory=HOSTILE,
         jupyter="/x y/jupyter",
         env="source ~/venv/bin/activate",
         timeout=12,
+        name="gpu",
     )
-    text = scripts.launch_script(spec)
-    assert "IFS= read -r t " in text  # from stdin
+    script = scripts.launch(spec)
+    assert script.args == (
+        "0123456789abcdef",
+        "gpu",
+        "lab",
+        "0",
+        "13",  # 12 s, never early
+        "12",
+        "tcp",
+        "source ~/venv/bin/activate",
+        HOSTILE,
+        "/x y/jupyter",
+        "lab",
+        "--no-browser",
+        "--KernelManager.transport=ipc",
+        "--ip=127.0.0.1",
+        "--port=0",
+    )
+    # The text is the same whatever the values: none of them is in it.
+    assert script.text == scripts.launch(LaunchSpec("ab" * 8)).text
+    assert HOSTILE not in script.text and "venv" not in script.text
+    assert "read -r t" in script.text  # the token from stdin...
     # ... into a 0600 file the server reads, not into the environment kernels inherit
-    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in text
-    assert "unset JUPYTER_TOKEN\n" in text
-    assert (
-        "'/x y/jupyter' lab --no-browser --KernelManager.transport=ipc --ip=127.0.0.1 --port=0"
-        in text
-    )
-    assert "\"$HOME\"/'it'\"'\"'s here'" in text
-    assert "source ~/venv/bin/activate" in text
-    assert "deadline=$(( $(date +%s) + 13 ))" in text  # 12 s, never early
-    for shell in ("sh", "bash"):
-        assert subprocess.run([shell, "-n", "-c", text]).returncode == 0
+    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in script.text
+
+
+def test_a_hostile_dir_is_only_a_missing_directory(tmp_path: Path) -> None:
+    """Run launch for real: the hostile --dir is looked for as a directory, no more."""
+    spec = LaunchSpec("0123456789abcdef", directory=HOSTILE, jupyter="true", name="x")
+    done = _run(scripts.launch(spec), tmp_path, stdin="tok\n")
+    assert done.returncode == scripts.Rc.NO_DIR
+    assert done.stderr.startswith(f"jlremote: remote directory not found: {HOSTILE}\n")
+    assert not Path("/tmp/jlremote-pwned").exists()
+    assert list((tmp_path / ".jlremote" / "sessions").iterdir()) == []  # nothing left
+
+
+def test_launch_without_a_token_makes_nothing(tmp_path: Path) -> None:
+    done = _run(scripts.launch(LaunchSpec("0123456789abcdef", name="x")), tmp_path)
+    assert done.returncode == scripts.Rc.NO_TOKEN
+    assert list((tmp_path / ".jlremote" / "sessions").iterdir()) == []
 
 
 def test_bad_session_ids_are_refused() -> None:
     for bad in ("../../etc", "0123456789abcdef\n", "0123456789abcdef\nrm", ""):
         with pytest.raises(ValueError):
-            scripts.session_dir_expr(bad)
+            scripts.logs(bad, 5, False)
     for bad in ("12\n", "١٢", "+12", "12 ", ""):
         assert not scripts.is_job_id(bad)
         with pytest.raises(ValueError):
             scripts.check_job_id(bad)
     assert scripts.is_job_id("4711")
+
+
+def test_the_shell_refuses_a_bad_session_id_too(tmp_path: Path) -> None:
+    done = _run(scripts.Script("logs", ("../../etc", "5", "0")), tmp_path)
+    assert done.returncode == 2 and "not a session id" in done.stderr
 
 
 def test_registry_entries_with_bad_ids_are_ignored() -> None:
@@ -245,59 +308,34 @@ def test_registry_entries_with_bad_ids_are_ignored() -> None:
         'JLREMOTE-DIR /d\nJLREMOTE-INFO\n{{"port": 0}}\nJLREMOTE-END\n'
     )
     good = entry.format("0123456789abcdef")
-    out = scripts.parse_list_output(good + entry.format("0123456789abcdef/../x"))
-    assert [r.session_id for r in out] == ["0123456789abcdef"]
+    reply = protocol.parse(good + entry.format("0123456789abcdef/../x"))
+    assert [r.session_id for r in remote.entries_of(reply)] == ["0123456789abcdef"]
 
 
-def test_mux_clients_read_no_config_and_masters_take_no_user_forwardings() -> None:
-    # A `-O forward` client sends the config's LocalForwards too: it reads no config.
-    assert ssh.forward_argv(CFG_F, "h", "/run/jl/t", 5000, ssh.Target(port=8888)) == [
-        "/usr/bin/ssh",
-        "-F",
-        "/dev/null",
-        "-o",
-        "ControlPath=/run/jl/t",
-        "-O",
-        "forward",
-        "-L",
-        "127.0.0.1:5000:127.0.0.1:8888",
-        "--",
-        "h",
-    ]
-    assert ssh.via_master_argv(CFG_F, "h", "/run/jl/t", "true") == [
-        "/usr/bin/ssh",
-        "-F",
-        "/tmp/cfg",
-        "-T",
-        *PRIVATE,
-        "-o",
-        "ControlMaster=no",
-        "-o",
-        "ControlPath=/run/jl/t",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=7",
-        "--",
-        "h",
-        "true",
+def test_parse_keeps_records_apart_and_ignores_shell_noise() -> None:
+    out = (
+        "Welcome to the cluster!\nJLREMOTE-SHELL /bin/bash\nJLREMOTE-V jupyterlab 4.2\n"
+        "JLREMOTE-V notebook 7.1\nJLREMOTE-ENV-FAILED\nJLREMOTE-ENTRY ab\nJLREMOTE-NAME n\n"
+        "JLREMOTE-INFO\n{}\nJLREMOTE-END\nJLREMOTE-ENTRY cd\nJLREMOTE-NAME m\n"
+    )
+    reply = protocol.parse(out)
+    assert reply.head.get("SHELL") == "/bin/bash"
+    assert reply.head.all("V") == ["jupyterlab 4.2", "notebook 7.1"]
+    assert reply.head.has("ENV-FAILED") and not reply.head.has("NAME")
+    assert [(e.get("ENTRY"), e.get("NAME"), e.info) for e in reply.entries] == [
+        ("ab", "n", ["{}"]),
+        ("cd", "m", None),
     ]
 
 
-def test_wrap_runs_the_script_verbatim() -> None:
-    script = "printf '%s|' \"$0\" 'a b' \"it's\"\n"
-    out = subprocess.run(["sh", "-c", scripts.wrap(script)], capture_output=True, text=True)
-    assert out.stdout == "bash|a b|it's|"
-
-
-def test_parse_launch_output_ignores_shell_noise() -> None:
+def test_a_launch_report_ignores_shell_noise() -> None:
     out = (
         "Welcome to the cluster!\nJLREMOTE-WAIT\nJLREMOTE-WAIT\nJLREMOTE-PID 4242\n"
         "JLREMOTE-START Wed Nov 25 21:59:26 2026\nJLREMOTE-ARGS /v/bin/python3 /v/bin/jupyter-lab "
         "--port=0\nJLREMOTE-DIR /home/u/.jlremote/sessions/0123456789abcdef\nJLREMOTE-INFO\n"
         '{\n  "base_url": "/",\n  "port": 40001,\n  "version": "2.21.1"\n}\n\nJLREMOTE-END\n'
     )
-    assert scripts.parse_launch_output(out) == scripts.LaunchReport(
+    assert remote.report_of(protocol.parse(out).head) == remote.LaunchReport(
         pid=4242,
         started="Wed Nov 25 21:59:26 2026",
         cmdline="/v/bin/python3 /v/bin/jupyter-lab --port=0",
@@ -307,17 +345,16 @@ def test_parse_launch_output_ignores_shell_noise() -> None:
         version="2.21.1",
     )
     with pytest.raises(JlremoteError):
-        scripts.parse_launch_output("JLREMOTE-PID 1\n")
+        remote.report_of(protocol.parse("JLREMOTE-PID 1\n").head)
 
 
-def _run_locally(script: str, home: Path) -> str:
-    return subprocess.run(
-        ["sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"HOME": str(home), "PATH": os.environ["PATH"]},
-    ).stdout
+def test_a_failed_script_becomes_its_exit_code_and_hint() -> None:
+    said = "motd\njlremote: 'jupyter' not found on the remote\n"
+    err = remote.failure(127, said, "fallback", ExitCode.SERVER)
+    assert err.code == ExitCode.REMOTE_ENV and err.remote_code == 127
+    assert err.message.startswith("'jupyter' not found on the remote (put it on PATH with --env")
+    other = remote.failure(3, "boom\n", "it failed", ExitCode.CONNECT)
+    assert (other.message, other.code, other.detail) == ("it failed", ExitCode.CONNECT, "boom")
 
 
 def _identity_of(pid: int, session_id: str) -> ServerIdentity:
@@ -332,6 +369,15 @@ def _identity_of(pid: int, session_id: str) -> ServerIdentity:
     return ServerIdentity(session_id, pid, ps("lstart"), ps("args"))
 
 
+def _probe(servers: list[ServerIdentity], home: Path) -> dict[str, str]:
+    reply = protocol.parse(_run(scripts.probe(servers), home).stdout)
+    return dict(line.split(" ", 1) for line in reply.head.all("PROBE"))  # type: ignore[misc]
+
+
+def _stop(server: ServerIdentity, grace: float, home: Path) -> str:
+    return protocol.parse(_run(scripts.stop(server, grace), home).stdout).head.get("STOP")
+
+
 def test_probe_and_stop_scripts_act_only_on_the_recorded_process(tmp_path: Path) -> None:
     sid = "00112233445566ff"
     sdir = tmp_path / ".jlremote" / "sessions" / sid
@@ -343,32 +389,15 @@ def test_probe_and_stop_scripts_act_only_on_the_recorded_process(tmp_path: Path)
         # Same PID, other command line: PID reuse must never make us trust it.
         impostor = ServerIdentity(sid, stranger.pid, ours.started, ours.cmdline)
         gone = ServerIdentity("aa" * 8, 2**22 + 1, "x", "y")
-        probed = scripts.parse_probe_output(
-            _run_locally(scripts.probe_script([ours, gone]), tmp_path)
-        )
-        assert probed == {sid: "running", "aa" * 8: "gone"}
-        assert scripts.parse_probe_output(
-            _run_locally(scripts.probe_script([impostor]), tmp_path)
-        ) == {sid: "foreign"}
-
-        assert (
-            scripts.parse_stop_output(
-                _run_locally(scripts.stop_script(impostor, grace=1), tmp_path)
-            )
-            == "foreign"
-        )
+        assert _probe([ours, gone], tmp_path) == {sid: "running", "aa" * 8: "gone"}
+        assert _probe([impostor], tmp_path) == {sid: "foreign"}
+        assert _stop(impostor, 1, tmp_path) == "foreign"
         assert stranger.poll() is None
         sdir.mkdir(parents=True)
-        assert (
-            scripts.parse_stop_output(_run_locally(scripts.stop_script(ours, grace=5), tmp_path))
-            == "stopped"
-        )
+        assert _stop(ours, 5, tmp_path) == "stopped"
         assert victim.wait(5) is not None
         assert not sdir.exists()
-        assert (
-            scripts.parse_stop_output(_run_locally(scripts.stop_script(ours, grace=1), tmp_path))
-            == "gone"
-        )
+        assert _stop(ours, 1, tmp_path) == "gone"
     finally:
         for p in (victim, stranger):
             p.kill()
@@ -379,8 +408,7 @@ def test_stop_script_uses_kill_9_only_when_term_is_ignored(tmp_path: Path) -> No
     stubborn = subprocess.Popen(["sh", "-c", "trap '' TERM; while :; do sleep 0.2; done"])
     try:
         ident = _identity_of(stubborn.pid, "00112233445566ff")
-        out = _run_locally(scripts.stop_script(ident, grace=0.5), tmp_path)
-        assert scripts.parse_stop_output(out) == "killed"
+        assert _stop(ident, 0.5, tmp_path) == "killed"
         assert stubborn.wait(5) == -9
     finally:
         stubborn.kill()

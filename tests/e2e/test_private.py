@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Jl, api, http_get, kill_supervisors, token_of
-from tests.kernels import EAVESDROPPER, Cell, interrupt, new_kernel, restart, run_cell
-from tests.test_e2e import _fake_jupyter, assert_nothing_left
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.e2e.test_start import _fake_jupyter, assert_nothing_left
+from tests.harness.cli import Jl, api, http_get, kill_supervisors, token_of
+from tests.harness.kernels import EAVESDROPPER, Cell, interrupt, new_kernel, restart, run_cell
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Jl, api, http_get, token_of
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.harness.cli import Jl, api, assert_one_error_line, http_get, token_of
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +26,6 @@ def jupyter_pids(bed: Testbed) -> list[int]:
         except psutil.Error:
             pass
     return out
-
-
-def assert_one_error_line(stderr: str, *needles: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.startswith("jlremote: error:")]
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr, stderr
-    for needle in needles:
-        assert needle in lines[0], stderr
 
 
 def assert_nothing_left(bed: Testbed, jl: Jl) -> None:
@@ -307,16 +299,6 @@ def test_connection_failures(jl: Jl, testbed: Testbed, host: str, code: int, wor
     assert_nothing_left(testbed, jl)
 
 
-def test_bad_host_argument(jl: Jl) -> None:
-    marker = Path(jl.state_dir.parent) / "pwned"
-    r = jl("start", f"-oProxyCommand=touch {marker}")  # refused by the option parser
-    assert r.rc == 2 and "Traceback" not in r.stderr
-    r = jl("start", "--", f"-oProxyCommand=touch {marker}")  # past it: refused by us
-    assert r.rc == 2
-    assert_one_error_line(r.stderr, "not a valid ssh destination")
-    assert not marker.exists()
-
-
 def test_jupyter_not_found_says_how_to_fix_it(jl: Jl, testbed: Testbed) -> None:
     r = jl("start", ALIAS, "--env", "PATH=/usr/bin:/bin")
     assert r.rc == 6
@@ -388,13 +370,6 @@ def test_asked_for_local_port_is_used(jl: Jl) -> None:
         port = s.getsockname()[1]
     r = jl("start", ALIAS, "--local-port", str(port), "--json")
     assert r.rc == 0 and r.json()["local_port"] == port
-
-
-def test_unknown_session_names(jl: Jl) -> None:
-    r = jl("stop", "nope")
-    assert r.rc == 9
-    assert_one_error_line(r.stderr, "nope")
-    assert jl("status", "nope").rc == 9
 
 
 def test_corrupt_state_file_is_moved_aside(jl: Jl) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from jlremote import scripts, slurm, ssh
+from jlremote import protocol, remote, scripts, slurm, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.scripts import LaunchSpec, ServerIdentity
 
@@ -62,47 +61,88 @@ def spec(**kw: object) -> LaunchSpec:
     return LaunchSpec(session_id=SID, name="gpu", **kw)  # type: ignore[arg-type]
 
 
-def test_job_script_serves_on_the_node_address_and_holds_no_token() -> None:
-    text = slurm.job_script(spec(notebook=True, allow_root=True, jupyter="/opt/j b/jupyter"))
-    lines = text.splitlines()
-    assert lines[0] == "#!/bin/bash"
-    assert lines[-1] == (
-        "exec '/opt/j b/jupyter' notebook --no-browser --KernelManager.transport=ipc "
-        '--allow-root --ip="$addr" --port=0'
-    )
+def test_the_job_script_holds_no_value_and_no_token() -> None:
+    text = scripts.job_text()
+    assert text.startswith("#!/bin/bash\n")
     # The token stays in its 0600 file: not in the environment kernels inherit.
-    assert "unset JUPYTER_TOKEN" in lines
-    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in lines
-    assert "umask 077" in lines
+    assert "unset JUPYTER_TOKEN\n" in text
+    assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in text
+    assert text.rstrip().endswith('exec "$@" --ip="$addr" --port=0')
+    assert 'exec "$@" --sock="$rt/$SOCKET_NAME"' in text
 
 
-def test_job_script_runs_env_and_dir_in_the_job() -> None:
-    text = slurm.job_script(spec(env="module load python/3.11", directory="my work"))
-    assert "{\nmodule load python/3.11\n} </dev/null ||" in text
-    assert "cd \"$HOME\"/'my work' ||" in text
-    # Everything the user gave is quoted: a hostile directory name stays one word.
-    hostile = slurm.job_script(spec(directory="x; touch /tmp/pwned"))
-    assert "cd \"$HOME\"/'x; touch /tmp/pwned' ||" in hostile
-
-
-def test_submit_script_passes_sbatch_options_as_quoted_words() -> None:
-    job = slurm.JobSpec(spec(), ("-p", "gpu", "-J", "a b;c", "--gres=gpu:1"))
-    text = slurm.submit_script(job)
-    sbatch = next(line for line in text.splitlines() if line.startswith("out=$(sbatch"))
-    assert sbatch == (
-        "out=$(sbatch --job-name=jlremote-gpu -p gpu -J 'a b;c' --gres=gpu:1 --parsable "
-        f"--comment=jlremote:{SID} "
-        '--output="$d"/server.log "$d"/job.sh "$d" 2>"$d/sbatch.err")'
+def test_submit_passes_values_and_sbatch_options_as_separate_words() -> None:
+    script = scripts.submit(
+        spec(env="module load python/3.11", directory="my work", allow_root=True),
+        ("-p", "gpu", "-J", "a b;c", "--gres=gpu:1"),
     )
-    assert "IFS= read -r t" in text  # the token comes from stdin into a 0600 file
-    assert f'd="$HOME"/.jlremote/sessions/{SID}' in text
+    assert script.args == (
+        SID,
+        "gpu",
+        "lab",
+        scripts.job_text(),
+        "module load python/3.11",
+        "my work",
+        "jupyter\nlab\n--no-browser\n--KernelManager.transport=ipc\n--allow-root",
+        "-p",
+        "gpu",
+        "-J",
+        "a b;c",
+        "--gres=gpu:1",
+    )
+    assert "module load" not in script.text and "a b;c" not in script.text
 
 
-def test_submit_script_refuses_to_run_without_a_token(tmp_path: Path) -> None:
-    """Run the script for real (sh): no token on stdin, nothing made, nothing submitted."""
-    job = slurm.JobSpec(spec(), ())
+def _sbatch_stand_in(tmp_path: Path) -> Path:
+    """An sbatch on PATH that records its argv (one word per line) and says job 42."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(
+        f"#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done > {tmp_path}/argv\necho 42\n"
+    )
+    fake.chmod(0o755)
+    return bin_dir
+
+
+def test_submit_runs_sbatch_with_each_word_and_leaves_the_job_its_files(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    bin_dir = _sbatch_stand_in(tmp_path)
+    script = scripts.submit(spec(directory="my work"), ("-p", "gpu", "-J", "a b;c"))
     done = subprocess.run(
-        ["sh", "-c", slurm.submit_script(job)],
+        ["sh", "-c", script.command()],
+        input="tok\n",
+        capture_output=True,
+        text=True,
+        env={"HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"},
+        timeout=10,
+    )
+    assert done.returncode == 0, done.stderr
+    d = home / ".jlremote" / "sessions" / SID
+    assert f"JLREMOTE-JOB 42\nJLREMOTE-DIR {d}\n" == done.stdout
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "--job-name=jlremote-gpu",
+        "-p",
+        "gpu",
+        "-J",
+        "a b;c",
+        "--parsable",
+        f"--comment=jlremote:{SID}",
+        f"--output={d}/server.log",
+        f"{d}/job.sh",
+        str(d),
+    ]
+    assert (d / "token").read_text() == "tok" and (d / "token").stat().st_mode & 0o077 == 0
+    assert (d / "job.dir").read_text() == "my work"
+    assert (d / "job.argv").read_text().splitlines()[0] == "jupyter"
+    assert (d / "job.id").read_text() == "42\n"
+
+
+def test_submit_refuses_to_run_without_a_token(tmp_path: Path) -> None:
+    """Run the script for real (sh): no token on stdin, nothing made, nothing submitted."""
+    done = subprocess.run(
+        ["sh", "-c", scripts.submit(spec(), ()).command()],
         input="",
         capture_output=True,
         text=True,
@@ -110,7 +150,7 @@ def test_submit_script_refuses_to_run_without_a_token(tmp_path: Path) -> None:
         timeout=10,
         check=False,
     )
-    assert done.returncode == scripts.RC_NO_TOKEN
+    assert done.returncode == scripts.Rc.NO_TOKEN
     assert "no token on stdin" in done.stderr
     assert list((tmp_path / ".jlremote" / "sessions").iterdir()) == []
 
@@ -127,17 +167,23 @@ def test_parse_job_state() -> None:
     assert not slurm.JobState().active and slurm.JobState("PENDING").active
 
 
-def test_parse_poll_output() -> None:
+def test_a_poll_reply() -> None:
     out = (
         "motd noise\nJLREMOTE-JOBSTATE RUNNING|None|node7|1:00:00|jlremote:ab\n"
         "JLREMOTE-NODE node7 10.1.2.7\nJLREMOTE-INFO\n"
         '{"port": 40123, "hostname": "10.1.2.7", "pid": 99, "base_url": "/"}\n\nJLREMOTE-END\n'
     )
-    poll = slurm.parse_poll_output(out)
-    assert poll.job.state == "RUNNING" and poll.node == "node7" and poll.address == "10.1.2.7"
+    poll = remote._job_poll(protocol.parse(out), "")
+    assert poll.job is not None and poll.job.state == "RUNNING"
+    assert (poll.node, poll.address, poll.failed) == ("node7", "10.1.2.7", 0)
     assert poll.info == {"port": 40123, "hostname": "10.1.2.7", "pid": 99, "base_url": "/"}
-    half = slurm.parse_poll_output("JLREMOTE-JOBSTATE RUNNING|None|n|1:00|c\nJLREMOTE-INFO\n{")
+    half = remote._job_poll(
+        protocol.parse("JLREMOTE-JOBSTATE RUNNING|None|n|1:00|c\nJLREMOTE-INFO\n{"), ""
+    )
     assert half.info is None  # still being written
+    failed = remote._job_poll(protocol.parse("JLREMOTE-FAILED 127\n"), "jlremote: x\n")
+    err = remote.job_failure("42", failed)
+    assert err.code == ExitCode.REMOTE_ENV and err.message.startswith("job 42: x (put it on")
 
 
 def test_forward_to_a_compute_node_through_the_login_host() -> None:
@@ -152,19 +198,12 @@ def test_forward_to_a_compute_node_through_the_login_host() -> None:
     )
 
 
-def test_job_probe_and_stop_check_job_id_and_comment() -> None:
+def test_job_probe_and_stop_take_job_id_and_refuse_anything_else() -> None:
     ident = ServerIdentity(SID, 99, "", "", job_id="42")
-    probe = scripts.probe_script([ident])
-    assert f"probe_job {SID} 42 jlremote:{SID}" in probe.splitlines()
-    stop = scripts.stop_script(ident, grace=2)
-    assert f'd="$HOME"/.jlremote/sessions/{SID}; j=42; c=jlremote:{SID}' in stop
-    assert '  scancel "$j"; state=stopped; i=0' in stop.splitlines()
+    assert scripts.probe([ident]).args == (SID, "99", "", "", "0", "42")
+    assert scripts.stop(ident, grace=2).args == (SID, "99", "", "", "42", "20")
     with pytest.raises(ValueError):
-        scripts.stop_script(ServerIdentity(SID, 1, "", "", job_id="42; rm -rf ~"))
-    assert scripts.parse_probe_jobs(
-        f"JLREMOTE-JOB {SID} RUNNING|None|n|1:00|jlremote:{SID}\nJLREMOTE-PROBE {SID} running\n"
-    ) == {SID: f"RUNNING|None|n|1:00|jlremote:{SID}"}
-    assert shlex.split(probe.splitlines()[-1])[2] == "42"
+        scripts.stop(ServerIdentity(SID, 1, "", "", job_id="42; rm -rf ~"))
 
 
 @pytest.mark.parametrize(
@@ -209,7 +248,7 @@ def test_job_state_tells_forgotten_from_unknown(
     fake.write_text(f"#!/bin/sh\n{squeue}\n")
     fake.chmod(0o755)
     done = subprocess.run(
-        ["sh", "-c", scripts.JOB_STATE + "job_state 42"],
+        ["sh", "-c", scripts.source("lib.sh") + "\njob_state 42"],
         capture_output=True,
         text=True,
         env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
@@ -219,19 +258,10 @@ def test_job_state_tells_forgotten_from_unknown(
     assert (done.returncode, done.stdout.strip()) == (rc, out)
 
 
-def test_the_job_waits_for_its_route_and_serves_a_private_socket_when_told() -> None:
-    lines = slurm.job_script(spec()).splitlines()
-    assert lines[-2] == (
-        'if [ "$route" = sock ]; then exec jupyter lab --no-browser '
-        '--KernelManager.transport=ipc --sock="$rt"/jupyter.sock; fi'
-    )
-    assert lines[-1].endswith('--ip="$addr" --port=0')
-    assert 'route=$(cat "$d/route" 2>/dev/null)' in lines
-    assert slurm.route_script(SID, "sock") == (
-        f"umask 077\nprintf '%s\\n' sock > \"$HOME\"/.jlremote/sessions/{SID}/route\n"
-    )
+def test_route_is_one_of_two_words() -> None:
+    assert scripts.route(SID, "sock").args == (SID, "sock")
     with pytest.raises(ValueError):
-        slurm.route_script(SID, "sock; rm -rf ~")
+        scripts.route(SID, "sock; rm -rf ~")
 
 
 def test_the_tunnel_to_a_node_jumps_through_the_login_host_and_never_prompts() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jlremote.errors import ExitCode
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TROUBLESHOOTING = (ROOT / "docs" / "pages" / "troubleshooting.md").read_text()
 README = (ROOT / "README.md").read_text()
 
@@ -39,8 +39,24 @@ def error_messages() -> list[tuple[str, str]]:
     return found
 
 
+def script_messages() -> list[tuple[str, str]]:
+    """(where, fixed words) for every message of the remote scripts: `say MSG`,
+    `fail CODE MSG`, `job_fail CODE MSG` (the words before the first variable)."""
+    found = []
+    call = re.compile(r"""(?:\bsay|\bfail "\$[A-Z_]+"|job_fail "\$[A-Z_]+")\s+(['"])(.+?)\1""")
+    for path in sorted((ROOT / "jlremote" / "sh").glob("*.sh")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for m in call.finditer(line):
+                words = max(re.split(r"\$\{?\w+\}?", m.group(2)), key=len).strip(" :;,.()'")
+                if len(words) >= 8:
+                    found.append((f"{path.name}:{number}", words))
+    return found
+
+
 def test_every_error_message_is_in_troubleshooting() -> None:
-    messages = error_messages()
+    scripted = script_messages()
+    assert len(scripted) > 15
+    messages = error_messages() + scripted
     assert len(messages) > 40
     missing = [(where, words) for where, words in messages if words not in TROUBLESHOOTING]
     assert not missing, "add these to docs/pages/troubleshooting.md: " + repr(missing)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import websocket
 
-from tests.conftest import api, token_of
+from tests.harness.cli import api, token_of
 
 
 def _post(url: str, path: str, body: bytes = b"{}") -> dict:  # type: ignore[type-arg]

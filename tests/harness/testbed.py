@@ -4,8 +4,8 @@ As root: a network namespace joined to us by a veth pair on a private /24, sshd 
 with its own config and host key, and an unprivileged user; the remote's 127.0.0.1 is not
 ours, as on a real remote. Otherwise: sshd on a high loopback port, as the current user.
 
-    python -m tests.testbed up DIR     # bring one up, print how to use it
-    python -m tests.testbed down DIR   # tear it down (processes, namespace, user, files)
+    python -m tests.harness.testbed up DIR     # bring one up, print how to use it
+    python -m tests.harness.testbed down DIR   # tear it down (processes, namespace, user, files)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def default_remote_venv() -> Path:
         return Path(env)
     if os.geteuid() == 0:
         return Path("/opt/jlremote-testbed/venv")
-    return Path(__file__).resolve().parent.parent / ".venv-remote"
+    return Path(__file__).resolve().parents[2] / ".venv-remote"
 
 
 def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -295,7 +295,7 @@ class Testbed:
                 f"AllowTcpForwarding yes\nAllowStreamLocalForwarding {streamlocal}\n"
                 f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user} {self.deep_user}\n"
                 "LogLevel VERBOSE\nAllowAgentForwarding yes\n"
-                # SLURM_CONF: the test cluster's (tests/slurmbed.py), if one is started.
+                # SLURM_CONF: the test cluster's (tests/harness/slurmbed.py), if one is started.
                 f"SetEnv PATH={path} SLURM_CONF={w}/slurm/slurm.conf\n"
                 "MaxStartups 100\nMaxSessions 100\n"
                 # The work dir lives under /tmp (mode 1777), which StrictModes rejects.

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 RUNS = int(os.environ.get("RECOVERY_RUNS", "3"))
 OUTAGE = float(os.environ.get("RECOVERY_OUTAGE", "30"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Jl, api, http_get, kill_supervisors, token_of
-from tests.testbed import ALIAS, Testbed, wait_until
+from tests.harness.cli import Jl, api, http_get, kill_supervisors, token_of
+from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,267 @@
+"""The options of `start`, defined once: the CLI's flags, config.toml's keys, the canonical
+launch options and every check are derived from StartOptions' fields and their `Opt`."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from jlremote.errors import ExitCode, JlremoteError
+
+# Seconds `start` waits by default: for the server to come up, and with --slurm also for
+# the job to leave the queue.
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_SLURM_TIMEOUT = 300.0
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,99}")
+
+
+class Transport(str, enum.Enum):
+    """How the server listens on the remote."""
+
+    AUTO = "auto"  # socket, falling back to TCP where it cannot work
+    SOCKET = "socket"  # a 0600 Unix socket in the private session directory
+    TCP = "tcp"  # 127.0.0.1 (or, in a job, the node's address)
+
+
+@dataclass(frozen=True)
+class Opt:
+    """How one option of `start` is given and checked."""
+
+    flags: tuple[str, ...]  # on the command line: `--port`, `--notebook/--lab`, ...
+    help: str
+    # Its key in config.toml ("" when it is for the command line only).
+    key: str = ""
+    choices: tuple[str, ...] = ()
+    port: bool = False  # 1 to 65535
+    positive: bool = False  # more than 0
+    # Part of what shapes a new server: a live session started with other values is
+    # reused with a warning (launch_options()).
+    shapes_server: bool = False
+    kind: type = str  # filled in from the field's type below
+
+
+def _opt(
+    default: Any, *flags: str, help: str, profile: bool = True, key: str = "", **kw: Any
+) -> Any:
+    return field(default=default, metadata={"opt": (flags, help, profile, key, kw)})
+
+
+def _quiet(_step: str) -> None:
+    pass
+
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """Everything `start` can be asked for. HOST is an argument; the rest are options."""
+
+    host: str
+    name: str | None = _opt(
+        None, "--name", "-n", help="Session name (default: HOST).", profile=False
+    )
+    notebook: bool = _opt(
+        False,
+        "--notebook/--lab",
+        help="Run classic Jupyter Notebook, or JupyterLab.",
+        shapes_server=True,
+    )
+    port: int | None = _opt(
+        None,
+        "--port",
+        help="Preferred remote port (default: a free one the remote picks). "
+        "The port the server really binds is the one forwarded.",
+        port=True,
+        shapes_server=True,
+    )
+    local_port: int | None = _opt(
+        None,
+        "--local-port",
+        "-L",
+        help="Local port (default: a free one). Busy is an error.",
+        port=True,
+    )
+    directory: str | None = _opt(
+        None,
+        "--dir",
+        "-d",
+        help="Remote directory to serve (default: the remote home). "
+        "Relative paths and ~ are under the remote home.",
+        key="dir",
+        shapes_server=True,
+    )
+    env: str | None = _opt(
+        None,
+        "--env",
+        "-e",
+        help="Shell snippet run on the remote before jupyter, e.g. "
+        "'source ~/venv/bin/activate' or 'module load python'.",
+        shapes_server=True,
+    )
+    jupyter: str = _opt(
+        "jupyter",
+        "--jupyter",
+        help="The jupyter executable on the remote [default: jupyter].",
+        shapes_server=True,
+    )
+    allow_root: bool = _opt(
+        False,
+        "--allow-root/--no-allow-root",
+        help="Pass --allow-root to Jupyter (it refuses root otherwise).",
+        shapes_server=True,
+    )
+    open_browser: bool | None = _opt(
+        None,
+        "--open/--no-open",
+        help="Open the browser (default: only on a terminal with a display).",
+        key="open",
+    )
+    timeout: float | None = _opt(
+        None,
+        "--timeout",
+        "-t",
+        help="Seconds to wait for the server to come up (default 60; with --slurm 300, "
+        "queue wait included).",
+        positive=True,
+    )
+    transport: Transport = _opt(  # noqa: RUF009 (a field(), as every _opt)
+        Transport.AUTO,
+        "--transport",
+        help="How the server listens on the remote: `socket` (a 0600 Unix socket in the "
+        "private session directory: no remote port, no other user can connect), `tcp` "
+        "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work) "
+        "[default: auto].",
+        choices=tuple(t.value for t in Transport),
+        shapes_server=True,
+    )
+    attach: bool = _opt(
+        False,
+        "--attach",
+        help="Only attach to a server of this name already running on HOST (started from "
+        "any computer); never start one. Without it, such a server is attached to anyway.",
+        profile=False,
+    )
+    slurm: bool = _opt(
+        False,
+        "--slurm/--no-slurm",
+        help="Run the server in a Slurm batch job on a compute node; HOST is the login "
+        "host, and the tunnel goes through it to the node.",
+    )
+    sbatch: str = _opt(
+        "",
+        "--sbatch",
+        help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
+        "(each passed to sbatch as its own argument).",
+    )
+    # Told each step as it begins (a live line on a terminal); not an option.
+    progress: Progress = field(default=_quiet, compare=False, repr=False)
+
+    @property
+    def wait(self) -> float:
+        """Seconds to wait, --timeout or the default."""
+        if self.timeout is not None:
+            return self.timeout
+        return DEFAULT_SLURM_TIMEOUT if self.slurm else DEFAULT_TIMEOUT
+
+
+def _base_type(tp: Any) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    found = args[0] if args else tp
+    return str if isinstance(found, type) and issubclass(found, enum.Enum) else found
+
+
+def _options() -> dict[str, Opt]:
+    hints = typing.get_type_hints(StartOptions)
+    found = {}
+    for f in fields(StartOptions):
+        if "opt" not in f.metadata:
+            continue
+        flags, help_text, profile, key, kw = f.metadata["opt"]
+        key = (key or f.name) if profile else ""
+        found[f.name] = Opt(flags, help_text, key, kind=_base_type(hints[f.name]), **kw)
+    return found
+
+
+# Field name -> its Opt, in the order of the fields (the CLI shows them so).
+OPTIONS: dict[str, Opt] = _options()
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(StartOptions) if f.name in OPTIONS}
+# config.toml key -> field name.
+PROFILE_KEYS: dict[str, str] = {o.key: name for name, o in OPTIONS.items() if o.key}
+
+
+def flag(name: str) -> str:
+    """The option's flag as the user types it (`--port`; for a switch, its first form)."""
+    return OPTIONS[name].flags[0].split("/")[0]
+
+
+def problem(name: str, value: Any) -> str | None:
+    """Why VALUE is not a valid value of option NAME (None: it is)."""
+    o = OPTIONS[name]
+    if value is None:
+        return None
+    if o.choices and str(getattr(value, "value", value)) not in o.choices:
+        return f"must be one of {', '.join(o.choices)}, not {getattr(value, 'value', value)!r}"
+    if o.port and not 1 <= value <= 65535:
+        return f"{value} is not a port"
+    if o.positive and value <= 0:
+        return "must be more than 0 seconds"
+    return None
+
+
+def check_name(name: str) -> str:
+    """Session names go into file names and tables: keep them plain."""
+    if not _NAME.fullmatch(name):
+        raise JlremoteError(
+            f"not a valid session name: {name!r} (letters, digits and ._@:+- only)",
+            ExitCode.USAGE,
+        )
+    return name
+
+
+def validate(opts: StartOptions) -> StartOptions:
+    """Check OPTS (each value, then how they go together); returns them complete: the
+    session's name, the timeout, the transport as a Transport. Raises ExitCode.USAGE."""
+    from jlremote import slurm, ssh
+
+    ssh.check_host(opts.host)
+    name = check_name(opts.name or opts.host)
+    for key in OPTIONS:
+        why = problem(key, getattr(opts, key))
+        if why is not None:
+            raise JlremoteError(f"{flag(key)}: {why}", ExitCode.USAGE)
+    transport = Transport(getattr(opts.transport, "value", opts.transport))
+    if "\n" in opts.jupyter:
+        raise JlremoteError("--jupyter: a newline is not part of a path", ExitCode.USAGE)
+    if transport == Transport.SOCKET and opts.port is not None:
+        raise JlremoteError("--port makes no sense with --transport socket", ExitCode.USAGE)
+    if opts.sbatch and not opts.slurm:
+        raise JlremoteError("--sbatch needs --slurm", ExitCode.USAGE)
+    if opts.slurm:
+        for given, what in (
+            (opts.port is not None, "--port (the job picks a free port on its node)"),
+            (transport == Transport.SOCKET, "--transport socket (the node is another machine)"),
+            (opts.attach, "--attach"),
+        ):
+            if given:
+                raise JlremoteError(f"--slurm does not go with {what}", ExitCode.USAGE)
+        slurm.parse_sbatch_options(opts.sbatch)  # refuse bad options before connecting
+    return replace(opts, name=name, timeout=opts.wait, transport=transport)
+
+
+def launch_options(opts: StartOptions) -> str:
+    """The options that shape a new server, as a canonical string (kept in the record)."""
+    shaping = {
+        o.key: getattr(getattr(opts, name), "value", getattr(opts, name))
+        for name, o in OPTIONS.items()
+        if o.shapes_server
+    }
+    if opts.slurm:  # absent otherwise, so that older records still compare equal
+        shaping.update(slurm=True, sbatch=opts.sbatch)
+    return json.dumps(shaping, sort_keys=True)

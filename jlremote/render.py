@@ -1,0 +1,111 @@
+"""Results as the user sees them: text tables and lines, or JSON (cli.py calls these;
+nothing else prints)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+
+from jlremote.results import DoctorResult, RemoteRow, StatusRow
+from jlremote.terminal import clean
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Aligned columns; the last one is not padded (URLs are long)."""
+    lines = [header, *[tuple(clean(c) for c in row) for row in rows]]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header) - 1)]
+    for row in lines:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        typer.echo("  ".join([*cells, row[-1]]))
+
+
+def duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def ago(iso: str | None) -> str:
+    """The server's last activity (an ISO time in UTC) as `5m ago`; `-` if unknown."""
+    if not iso:
+        return "-"
+    from datetime import datetime, timezone
+
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    return duration(max(0.0, (datetime.now(timezone.utc) - then).total_seconds())) + " ago"
+
+
+def status(rows: list[StatusRow]) -> None:
+    if not rows:
+        if sys.stderr.isatty():
+            typer.echo("no sessions", err=True)
+        return
+    jobs = any(r.job_id for r in rows)
+    table(
+        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE")
+        + (("JOB", "NODE", "STATE", "LEFT") if jobs else ())
+        + ("URL",),
+        [
+            (
+                r.name,
+                r.host,
+                r.server,
+                r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
+                duration(r.uptime_s),
+                ago(r.last_activity),
+            )
+            + (
+                (r.job_id or "-", r.node or "-", r.job_state or "-", r.time_left or "-")
+                if jobs
+                else ()
+            )
+            + (r.url,)
+            for r in rows
+        ],
+    )
+    for r in rows:
+        if r.error:
+            typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
+        if r.tunnel_error and r.tunnel != "up":
+            typer.echo(
+                f"jlremote: {r.name}: tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): "
+                f"{r.tunnel_error}",
+                err=True,
+            )
+
+
+def remote_status(found: list[RemoteRow]) -> None:
+    if found:
+        table(
+            ("NAME", "SESSION", "PID", "TRANSPORT", "HERE"),
+            [
+                (r.name, r.session_id, str(r.server_pid), r.transport, "yes" if r.local else "no")
+                for r in found
+            ],
+        )
+
+
+def doctor(result: DoctorResult) -> None:
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+    width = max(len(c.name) for c in result.checks)
+    for c in result.checks:
+        typer.echo(f"{marks[c.status]}  {c.name.ljust(width)}  {c.detail}")
+        if c.fix and c.status in ("fail", "warn"):
+            typer.echo(f"{' ' * (width + 8)}fix: {c.fix}")
+
+
+def settings(rows: list[tuple[str, Any, str]]) -> None:
+    table(("KEY", "VALUE", "SOURCE"), [(k, json.dumps(v), src) for k, v, src in rows])

@@ -1,0 +1,26 @@
+# probe.sh [SESSION PID START ARGS PORT JOB]...: report `PROBE SESSION STATE` for each
+# server, STATE one of running, gone, foreign (the PID is alive but another process now).
+# PORT (not 0) is a TCP server's port: it must still be the server's own, since once the
+# server has died another user may listen there and answer anything. A server in a Slurm
+# job (JOB not empty) runs while the job is RUNNING with our comment; its squeue line goes
+# out as `JOB SESSION STATE|REASON|NODE|LEFT|COMMENT`. When Slurm cannot tell, nothing is
+# said of that session (status shows it unknown).
+while [ $# -ge 6 ]; do
+  sid=$1 pid=$2 st=$3 ar=$4 port=$5 job=$6
+  shift 6
+  if [ -n "$job" ]; then
+    js=$(job_state "$job") || continue
+    report JOB "$sid $js"
+    case $js in
+      "RUNNING|"*"|jlremote:$sid") s=running ;;
+      *"|jlremote:$sid" | "") s=gone ;;
+      *) s=foreign ;;
+    esac
+  else
+    is_ours "$pid" "$st" "$ar"
+    r=$?
+    if [ "$r" = 0 ] && [ "$port" != 0 ] && ! owns_port "$pid" "$port"; then r=1; fi
+    case $r in 0) s=running ;; 1) s=gone ;; *) s=foreign ;; esac
+  fi
+  report PROBE "$sid $s"
+done
