@@ -15,7 +15,7 @@ export JLREMOTE_TEST_REMOTE_VENV := $(REMOTE_VENV)
 
 help:
 	@echo "make test       install what the tests need, lint, run the whole suite"
-	@echo "make lint       ruff + mypy --strict on the package"
+	@echo "make lint       ruff + mypy --strict on the package, shellcheck on jlremote/sh"
 	@echo "make docs       build the documentation site into .site/ (mkdocs --strict)"
 	@echo "make unit       only the fast tests (no sshd needed)"
 	@echo "make bench      time jlremote against its baselines (prints a table)"
@@ -61,10 +61,14 @@ $(REMOTE_VENV)/bin/jupyter-lab:
 
 testbed-venv: system-deps $(REMOTE_VENV)/bin/jupyter-lab
 
+# The remote scripts are checked as they run: each after lib.sh, as sh (POSIX) and as bash.
 lint: dev
 	$(BIN)/ruff check jlremote tests
 	$(BIN)/ruff format --check jlremote
 	$(BIN)/mypy --strict jlremote
+	@for f in jlremote/sh/*.sh; do [ "$$f" = jlremote/sh/lib.sh ] && continue; \
+	  for s in sh bash; do cat jlremote/sh/lib.sh "$$f" | $(BIN)/shellcheck -s $$s -S warning - \
+	    || { echo "shellcheck ($$s): $$f"; exit 1; }; done; done; echo "shellcheck: jlremote/sh ok"
 
 unit: dev
 	$(BIN)/python -m pytest -q -m 'not e2e'

@@ -2,7 +2,7 @@
 
 The scripts themselves are shell files in `jlremote/sh/`, each run after the shared
 `lib.sh`. Their text is fixed: every value of the user's or the state file's reaches
-them as a positional argument (quoted once, by wrap()), never pasted into the text. They
+them as a positional argument (quoted once, by Script.command()), never pasted in. They
 run under bash where the remote has it (so `source` in --env works), else sh. The Jupyter
 token is never an argument: the scripts that need it read it from stdin. What they print
 is read by protocol.py; their exit codes are the `Rc` below (remote.py maps them).
