@@ -100,11 +100,6 @@ def of(session: Session) -> proc.Owned:
     return owned(session.name, session.supervisor_pid, session.supervisor_created)
 
 
-def process_of(session: Session) -> Any:
-    """The live supervisor of SESSION if PID, create time and command line all match."""
-    return of(session).process()
-
-
 def stop(session: Session, grace: float = 3.0) -> bool:
     """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
     return of(session).stop(grace)
@@ -148,7 +143,7 @@ def run(name: str, wait: float) -> int:
             session = store.read().get(name)
             if session is None or not _mine(session):
                 return 0  # stopped, or replaced by a new server
-            if tunnel.tunnel_process(session.tunnel) is not None:
+            if tunnel.is_up(session.tunnel):
                 if st.state != "up":
                     st = SupervisorStatus("up", since=time.time())
                     _write_status(name, st)

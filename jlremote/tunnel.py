@@ -21,7 +21,7 @@ from jlremote.errors import ExitCode, JlremoteError
 from jlremote.state import Tunnel
 
 if TYPE_CHECKING:
-    import psutil
+    pass
 
 # psutil and urllib are imported where they are used: a cold `start` imports them in a
 # worker thread while the remote server boots, off the path to the URL.
@@ -170,12 +170,8 @@ def owned(tunnel: Tunnel) -> proc.Owned:
     return proc.Owned(tunnel.pid, tunnel.create_time, (tunnel.control_path,))
 
 
-def tunnel_process(tunnel: Tunnel) -> psutil.Process | None:
-    """The live tunnel process, only if PID, start time and command line all still match."""
-    return owned(tunnel).process()
-
-
 def is_up(tunnel: Tunnel) -> bool:
+    """Whether the tunnel's own ssh runs (PID, start time and command line all match)."""
     return owned(tunnel).alive()
 
 
