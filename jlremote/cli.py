@@ -45,12 +45,13 @@ def _setup_logging(verbose: bool) -> None:
     elif root.level == logging.NOTSET:
         root.setLevel(logging.WARNING)
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    if verbose or not root.handlers[0].formatter:
+        # -v after the command name comes after the app's own callback: the format too.
         fmt = (
             "jlremote: %(relativeCreated)6.0fms %(message)s" if verbose else "jlremote: %(message)s"
         )
-        handler.setFormatter(logging.Formatter(fmt))
-        root.addHandler(handler)
+        root.handlers[0].setFormatter(logging.Formatter(fmt))
     root.propagate = False
 
 
