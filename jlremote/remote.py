@@ -39,6 +39,7 @@ OUTCOMES: dict[int, tuple[ExitCode, str]] = {
     Rc.NEEDS_ROOT: (ExitCode.SERVER, "it refuses to run as root without --allow-root"),
     Rc.NO_SOCKET: (ExitCode.SERVER, ""),
     Rc.SLURM_SILENT: (ExitCode.ERROR, ""),
+    Rc.ELSEWHERE: (ExitCode.CONNECT, ""),
     Rc.NOT_FOUND: (ExitCode.REMOTE_ENV, _ON_PATH),
 }
 
@@ -103,14 +104,34 @@ def ask(
     return protocol.parse(done.stdout)
 
 
-def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
-    """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
-    for a password or 2FA, before anything runs in parallel."""
-    proc_done = proc.run(
-        ssh.command_argv(cfg, host, "true"), timeout=timeout, what=f"connecting to {host}"
+def hello(cfg: ssh.SshConfig, host: str, timeout: float, via: str = "") -> tuple[str, str]:
+    """Which login node a connection to HOST reaches (`NAME BOOT_ID`) and at which address.
+    Without VIA it opens (or reuses) jlremote's control connection to HOST: the one place
+    that may ask for a password or 2FA, before anything runs in parallel."""
+    reply = ask(
+        cfg, host, scripts.hello(), timeout, f"connecting to {host}", ExitCode.CONNECT, via=via
     )
-    if proc_done.returncode == 255:
-        raise ssh.explain_failure(host, proc_done.stderr)
+    return _login(reply.head.get("LOGIN"))
+
+
+def _login(value: str) -> tuple[str, str]:
+    """`NAME BOOT_ID ADDR` as (`NAME BOOT_ID`, ADDR)."""
+    words = value.split()
+    return " ".join(words[:2]), words[2] if len(words) > 2 else ""
+
+
+def pinned(cfg: ssh.SshConfig, host: str, addr: str) -> ssh.SshConfig:
+    """CFG for one login node of HOST: to ADDR, with HOST's host key (as the user's ssh
+    configuration resolves it) still checked against known_hosts."""
+    done = proc.run(ssh.resolve_argv(cfg, host), timeout=10, what="ssh -G")
+    if done.returncode != 0:
+        raise ssh.explain_failure(host, done.stderr)
+    return replace(cfg, pin=(addr, ssh.host_key_alias(done.stdout)))
+
+
+def elsewhere(exc: JlremoteError) -> bool:
+    """Did a script find itself on another login node than the session's?"""
+    return exc.remote_code == Rc.ELSEWHERE
 
 
 def release(cfg: ssh.SshConfig, host: str) -> None:
@@ -139,12 +160,22 @@ class LaunchReport:
     name: str = ""
     kind: str = ""
     token: str = ""
+    login: str = ""  # the login node it runs on (`NAME BOOT_ID`)
+    login_addr: str = ""
+    here: bool = True  # False: another login node's entry (only that node can tell more)
 
 
 def report_of(record: protocol.Record) -> LaunchReport:
     """A launch's (or a registry entry's) record as a LaunchReport."""
     entry = record.get("ENTRY")
     data = record.info_json()
+    login, login_addr = _login(record.get("LOGIN"))
+    if entry and data is None and login and scripts.is_session_id(entry):
+        return LaunchReport(
+            pid=0, started="", cmdline="", session_dir="", port=0, base_url="/", version="",
+            session_id=entry, name=record.get("NAME"), kind=record.get("KIND"),
+            login=login, login_addr=login_addr, here=False,
+        )  # fmt: skip
     try:
         if entry and not scripts.is_session_id(entry):
             raise ValueError(f"bad session id {entry!r}")
@@ -163,6 +194,8 @@ def report_of(record: protocol.Record) -> LaunchReport:
             name=record.get("NAME"),
             kind=record.get("KIND"),
             token=str(data.get("token") or ""),
+            login=login,
+            login_addr=login_addr,
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise JlremoteError(
@@ -182,10 +215,12 @@ def entries_of(reply: protocol.Reply) -> list[LaunchReport]:
 @dataclass(frozen=True)
 class Launched:
     """The server `launch` started, or found already running under the same name (then
-    `attached_token` is that server's token)."""
+    `attached_token` is that server's token; without it, on another login node: `elsewhere`
+    is its address there)."""
 
     server: RemoteServer
     attached_token: str | None = None
+    elsewhere: str = ""
 
 
 def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
@@ -202,6 +237,9 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
     )
     if reply.entries:
         report = report_of(reply.entries[0])
+        if not report.here:
+            log.info("session %s runs on the login node %s", spec.name, report.login)
+            return Launched(server_of(report), elsewhere=report.login_addr)
         log.info("attaching to the running session %s on %s", spec.name, host)
         return Launched(server_of(report), attached_token=report.token)
     report = replace(report_of(reply.head), session_id=spec.session_id, kind=spec.subcommand)
@@ -234,6 +272,8 @@ def server_of(report: LaunchReport) -> RemoteServer:
         notebook=report.kind == "notebook",
         version=report.version,
         sock=report.sock,
+        login=report.login,
+        login_addr=report.login_addr,
     )
 
 
@@ -254,6 +294,7 @@ def identity(server: RemoteServer) -> scripts.ServerIdentity:
         server.cmdline,
         server.job_id,
         port=server.port if tcp else 0,
+        login="" if server.job_id else server.login,
     )
 
 
@@ -301,6 +342,13 @@ def prove_serving(cfg: ssh.SshConfig, host: str, server: RemoteServer, path: str
     state = states.get(server.session_id)
     if state is None:
         raise JlremoteError(f"could not check the server on {host}", ExitCode.CONNECT)
+    if state == "elsewhere":
+        raise JlremoteError(
+            f"the tunnel reached another login node of {host} than the server's "
+            f"({server.login_name})",
+            ExitCode.TUNNEL,
+            remote_code=Rc.ELSEWHERE,
+        )
     if state != "running":
         raise JlremoteError(
             f"the server on {host} is gone (its port is no longer its own)", ExitCode.SERVER
@@ -320,21 +368,26 @@ def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: f
     """Stop exactly this server and remove its session directory; returns what happened:
     `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""
     timeout = grace + cfg.connect_timeout + 15
-    reply = ask(
-        cfg, host, scripts.stop(server, grace), timeout, f"stopping on {host}", ExitCode.ERROR
-    )
+    try:
+        reply = ask(
+            cfg, host, scripts.stop(server, grace), timeout, f"stopping on {host}", ExitCode.ERROR
+        )
+    except JlremoteError as exc:
+        if elsewhere(exc) and cfg.pin is not None:
+            return "gone"  # the login node at that address has restarted: so has the server
+        raise
     state = reply.head.get("STOP")
     if not state:
         raise JlremoteError(f"stopping on {host} failed (no answer)", ExitCode.ERROR)
     return state
 
 
-def read_log(cfg: ssh.SshConfig, host: str, session_id: str, lines: int) -> list[str]:
+def read_log(cfg: ssh.SshConfig, host: str, server: RemoteServer, lines: int) -> list[str]:
     """The last LINES lines of a session's server log."""
     done = run_script(
         cfg,
         host,
-        scripts.logs(session_id, lines, follow=False),
+        scripts.logs(server.session_id, lines, follow=False, login=identity(server).login),
         timeout=cfg.connect_timeout + 30,
         what=f"reading the log on {host}",
     )

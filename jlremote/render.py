@@ -54,14 +54,17 @@ def status(rows: list[StatusRow]) -> None:
             typer.echo("no sessions", err=True)
         return
     jobs = any(r.job_id for r in rows)
+    logins = any(r.pinned for r in rows)  # a host whose name leads to several login nodes
     table(
-        ("NAME", "HOST", "SERVER", "TUNNEL", "UPTIME", "ACTIVE")
+        ("NAME", "HOST")
+        + (("LOGIN",) if logins else ())
+        + ("SERVER", "TUNNEL", "UPTIME", "ACTIVE")
         + (("JOB", "NODE", "STATE", "LEFT") if jobs else ())
         + ("URL",),
         [
-            (
-                r.name,
-                r.host,
+            (r.name, r.host)
+            + ((r.login_node or "-",) if logins else ())
+            + (
                 r.server,
                 r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
                 duration(r.uptime_s),
@@ -90,9 +93,16 @@ def status(rows: list[StatusRow]) -> None:
 def remote_status(found: list[RemoteRow]) -> None:
     if found:
         table(
-            ("NAME", "SESSION", "PID", "TRANSPORT", "HERE"),
+            ("NAME", "SESSION", "LOGIN", "PID", "TRANSPORT", "HERE"),
             [
-                (r.name, r.session_id, str(r.server_pid), r.transport, "yes" if r.local else "no")
+                (
+                    r.name,
+                    r.session_id,
+                    r.login_node or "-",
+                    str(r.server_pid or "-"),
+                    r.transport,
+                    "yes" if r.local else "no",
+                )
                 for r in found
             ],
         )

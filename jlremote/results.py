@@ -52,6 +52,10 @@ class StatusRow:
     node: str = ""
     job_state: str = ""  # e.g. RUNNING, CANCELLED; "" when not known or not a job
     time_left: str = ""  # squeue's %L, e.g. 3:59:58 or UNLIMITED
+    # The login node the server runs on (its host name), and whether HOST's name leads to
+    # several, so that every connection for the session goes to that one (pinned).
+    login_node: str = ""
+    pinned: bool = False
     # Who besides the user can connect to the server (the token still guards it):
     # private (a 0600 Unix socket), host (users of the remote host: its 127.0.0.1),
     # cluster (users of the cluster: a job's server on its node's address).
@@ -72,6 +76,7 @@ class RemoteRow:
     transport: str  # socket | tcp
     notebook: bool
     local: bool  # this machine has a session recorded for it
+    login_node: str = ""  # the login node it runs on (several may share one home)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

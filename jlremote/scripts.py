@@ -47,6 +47,7 @@ class Rc(IntEnum):
     NEEDS_ROOT = 90
     NO_SOCKET = 91
     SLURM_SILENT = 92
+    ELSEWHERE = 93
     NOT_FOUND = 127
 
 
@@ -194,6 +195,8 @@ class ServerIdentity:
     # A TCP server's port: the server must also hold its listening socket (0: a Unix
     # socket in a private directory, or a job, which nobody else can take over).
     port: int = 0
+    # The login node it runs on (`NAME BOOT_ID`; "": any, or unknown).
+    login: str = ""
 
 
 def probe(servers: list[ServerIdentity]) -> Script:
@@ -202,7 +205,7 @@ def probe(servers: list[ServerIdentity]) -> Script:
     for s in servers:
         job = check_job_id(s.job_id) if s.job_id else ""
         args += [check_session_id(s.session_id), f"{s.pid:d}", s.started, s.cmdline]
-        args += [f"{s.port:d}", job]
+        args += [f"{s.port:d}", job, s.login]
     return Script("probe", tuple(args))
 
 
@@ -219,13 +222,22 @@ def stop(server: ServerIdentity, grace: float = 10.0) -> Script:
             server.cmdline,
             job,
             str(ticks),
+            server.login,
         ),
     )
 
 
-def logs(session_id: str, lines: int, follow: bool) -> Script:
-    """The server log's last LINES lines (and, with FOLLOW, new ones until the end)."""
-    return Script("logs", (check_session_id(session_id), f"{lines:d}", "1" if follow else "0"))
+def logs(session_id: str, lines: int, follow: bool, login: str = "") -> Script:
+    """The server log's last LINES lines (and, with FOLLOW, new ones until the end), on
+    the login node LOGIN."""
+    return Script(
+        "logs", (check_session_id(session_id), f"{lines:d}", "1" if follow else "0", login)
+    )
+
+
+def hello() -> Script:
+    """Which login node the connection reached (`LOGIN NAME BOOT_ID ADDR`)."""
+    return Script("hello")
 
 
 def doctor(env: str | None, jupyter: str, slurm: bool = False) -> Script:

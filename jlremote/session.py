@@ -5,14 +5,86 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from jlremote import browser, remote, ssh, supervisor, tunnel
-from jlremote.errors import JlremoteError
+from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def config_for(cfg: ssh.SshConfig, session: Session) -> ssh.SshConfig:
+    """CFG as every connection for SESSION must use it: pinned to its login node when
+    its host's name leads to several."""
+    if not session.server.pinned:
+        return cfg
+    return remote.pinned(cfg, session.host, session.server.login_addr)
+
+
+def on_login(
+    cfg: ssh.SshConfig,
+    store: StateStore | None,
+    session: Session,
+    call: Callable[[ssh.SshConfig], T],
+) -> T:
+    """CALL(cfg) on SESSION's login node. Through the host's name as usual (no extra
+    round trip); when that led to another login node, pinned to the session's one, and
+    from then on (recorded in STORE)."""
+    try:
+        return call(config_for(cfg, session))
+    except JlremoteError as exc:
+        if not remote.elsewhere(exc) or session.server.pinned or not session.server.login_addr:
+            raise
+    log.info(
+        "%s led to another login node than session %s's (%s): connecting to that one",
+        session.host,
+        session.name,
+        session.server.login_name,
+    )
+    session = pin(store, session)
+    return call(config_for(cfg, session))
+
+
+def wrong_login(session: Session, exc: JlremoteError) -> bool:
+    """Could EXC mean that a new tunnel reached another login node than SESSION's (and
+    that pinning it to its own would help)? Its server's port proven not there, or its
+    Unix socket refused (the socket's file is on the shared home; its listener is not)."""
+    if session.server.pinned or not session.server.login_addr or session.server.job_id:
+        return False
+    said = (exc.message + "\n" + exc.detail).lower()
+    return remote.elsewhere(exc) or (exc.code == ExitCode.TUNNEL and "open failed" in said)
+
+
+def probe(cfg: ssh.SshConfig, store: StateStore | None, session: Session) -> str:
+    """`running`, `gone` or `foreign` for SESSION's server, asked on its login node."""
+    server, host = session.server, session.host
+    timeout = cfg.connect_timeout + 15
+    state = remote.probe(config_for(cfg, session), host, [server], timeout).get(server.session_id)
+    if state == "elsewhere" and not server.pinned and server.login_addr:
+        session = pin(store, session)
+        answer = remote.probe(config_for(cfg, session), host, [server], timeout)
+        state = answer.get(server.session_id)
+    return "gone" if state == "elsewhere" else (state or "unknown")
+
+
+def pin(store: StateStore | None, session: Session) -> Session:
+    """SESSION, pinned to its login node from now on (and so recorded)."""
+    session = replace(session, server=replace(session.server, pinned=True))
+    if store is not None:
+        with store.transaction() as sessions:
+            current = sessions.get(session.name)
+            if current is not None and current.server.session_id == session.server.session_id:
+                sessions[session.name] = replace(
+                    current, server=replace(current.server, pinned=True)
+                )
+    return session
 
 
 def tunnel_state(session: Session) -> str:
@@ -49,14 +121,20 @@ def forget(cfg: ssh.SshConfig, store: StateStore, name: str) -> None:
     with store.transaction() as sessions:
         gone = sessions.pop(name, None)
     if gone is not None:
-        release_if_unused(cfg, store, gone.host)
+        pinned = config_for(cfg, gone) if gone.server.pinned else None
+        release_if_unused(cfg, store, gone.host, pinned)
 
 
-def release_if_unused(cfg: ssh.SshConfig, store: StateStore, host: str) -> None:
-    """Close jlremote's shared connection to HOST when no session of it is left."""
+def release_if_unused(
+    cfg: ssh.SshConfig, store: StateStore, host: str, pinned: ssh.SshConfig | None = None
+) -> None:
+    """Close jlremote's shared connection to HOST when no session of it is left (and the
+    one to a login node of HOST, with PINNED)."""
     if not any(s.host == host for s in store.read().values()):
-        with contextlib.suppress(JlremoteError):
-            remote.release(cfg, host)
+        for each in (cfg, pinned):
+            if each is not None:
+                with contextlib.suppress(JlremoteError):
+                    remote.release(each, host)
 
 
 def end(cfg: ssh.SshConfig, store: StateStore, session: Session, grace: float) -> str:
@@ -64,6 +142,14 @@ def end(cfg: ssh.SshConfig, store: StateStore, session: Session, grace: float) -
     Returns what happened to the server (see remote.stop); raises, keeping the record,
     when the remote cannot be asked."""
     close_local(session)
-    state = remote.stop(cfg, session.host, remote.identity(session.server), grace)
+    state = stop_server(cfg, store, session, grace)
     forget(cfg, store, session.name)
     return state
+
+
+def stop_server(
+    cfg: ssh.SshConfig, store: StateStore | None, session: Session, grace: float
+) -> str:
+    """Stop exactly SESSION's server, on its login node (see remote.stop)."""
+    ident = remote.identity(session.server)
+    return on_login(cfg, store, session, lambda c: remote.stop(c, session.host, ident, grace))

@@ -29,6 +29,9 @@ class SshConfig:
     connect_timeout: int = 10
     # Where jlremote's own control sockets live (None: no connection sharing).
     control_dir: str | None = None
+    # One login node behind a name that leads to several: (its address, the name its host
+    # key is known by). Every connection goes there, and known_hosts still verifies it.
+    pin: tuple[str, str] | None = None
 
     @classmethod
     def from_environment(cls, connect_timeout: int = 10) -> SshConfig:
@@ -73,7 +76,22 @@ def _base(cfg: SshConfig) -> list[str]:
     argv = [cfg.binary]
     if cfg.config_file:
         argv += ["-F", cfg.config_file]
+    if cfg.pin is not None:
+        argv += ["-o", f"HostName={cfg.pin[0]}", "-o", f"HostKeyAlias={cfg.pin[1]}"]
     return argv
+
+
+def host_key_alias(resolved: str) -> str:
+    """The name known_hosts holds HOST's key under, from `ssh -G HOST`'s output: its
+    HostKeyAlias, else its HostName (with `[...]:PORT` off port 22)."""
+    conf: dict[str, str] = {}
+    for line in resolved.splitlines():
+        key, _, value = line.partition(" ")
+        conf.setdefault(key.lower(), value.strip())
+    if conf.get("hostkeyalias") and conf["hostkeyalias"] != "none":
+        return conf["hostkeyalias"]
+    name, port = conf.get("hostname", ""), conf.get("port", "22")
+    return name if port == "22" else f"[{name}]:{port}"
 
 
 def _mux_client(cfg: SshConfig, path: str) -> list[str]:

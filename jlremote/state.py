@@ -25,7 +25,9 @@ from jlremote.ssh import Target
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: Slurm fields (job_id, node, address, remote_host); 3: tunnel.node
+# 2: Slurm fields (job_id, node, address, remote_host); 3: tunnel.node; 4: server.login,
+# login_addr, pinned
+SCHEMA_VERSION = 4
 STATE_FILE = "sessions.json"
 
 
@@ -48,6 +50,16 @@ class RemoteServer:
     job_id: str = ""
     node: str = ""
     address: str = ""
+    # The login node the server runs on (`NAME BOOT_ID`; "" for a job, or unknown) and the
+    # address the client reached it at. PINNED: HOST's name leads to several login nodes,
+    # so every connection for this server goes to LOGIN_ADDR (ssh.SshConfig.pin).
+    login: str = ""
+    login_addr: str = ""
+    pinned: bool = False
+
+    @property
+    def login_name(self) -> str:
+        return self.login.split(" ")[0] if self.login else ""
 
     @property
     def target(self) -> Target:

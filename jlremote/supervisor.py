@@ -120,6 +120,8 @@ def run(name: str, wait: float) -> int:
     def on_term(_sig: int, _frame: object) -> None:
         raise _Stop
 
+    from jlremote import session as lifecycle
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     store = StateStore(state_dir())
@@ -154,18 +156,13 @@ def run(name: str, wait: float) -> int:
             _write_status(name, st)
             t = session.tunnel
             try:
-                new = tunnel.open_tunnel(
-                    cfg,
-                    session.host,
-                    session_id,
-                    t.local_port,
-                    t.target,
-                    logfile,
-                    check=remote.proof_of(cfg, session.host, session.server),
-                    node=t.node,
-                )
+                new = _reopen(cfg, session, logfile)
             except JlremoteError as exc:
                 log.info("attempt %d failed: %s", st.attempts, exc.message)
+                if lifecycle.wrong_login(session, exc):
+                    # The host's name led to another login node: the session's own, now.
+                    lifecycle.pin(store, session)
+                    continue
                 # Neither a refused login nor a server that has gone heals by retrying.
                 if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
                     _write_status(
@@ -193,6 +190,33 @@ def run(name: str, wait: float) -> int:
             # starting when told to stop (no record names it yet).
             tunnel.close_tunnel(Tunnel(0, 0, control_path=tunnel.master_path(session_id)))
         return 0
+
+
+def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
+    """A new tunnel for SESSION, on its login node: a TCP server's port is proven first
+    (remote.proof_of); a Unix socket forward to another login node would only fail on
+    use, so one request goes through it first (where the host has several login nodes)."""
+    from jlremote import session as lifecycle
+
+    use = lifecycle.config_for(cfg, session)
+    server, t = session.server, session.tunnel
+    new = tunnel.open_tunnel(
+        use,
+        session.host,
+        server.session_id,
+        t.local_port,
+        t.target,
+        logfile,
+        check=remote.proof_of(use, session.host, server),
+        node=t.node,
+    )
+    if server.sock and server.login_addr and not server.pinned:
+        try:
+            tunnel.wait_for_api(t.local_port, server.base_url, session.token, 5.0, logfile)
+        except BaseException:
+            tunnel.close_tunnel(new)
+            raise
+    return new
 
 
 def main() -> None:

@@ -19,10 +19,13 @@ def logs(name: str | None, lines: int = 50) -> LogResult:
     """The last LINES lines of the session's server log (one ssh call)."""
     if lines < 0:
         raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
-    session = StateStore(state_dir()).pick(name)
+    store = StateStore(state_dir())
+    session = store.pick(name)
     cfg = ssh.SshConfig.from_environment()
     try:
-        lines_read = remote.read_log(cfg, session.host, session.server.session_id, lines)
+        lines_read = lifecycle.on_login(
+            cfg, store, session, lambda c: remote.read_log(c, session.host, session.server, lines)
+        )
     except JlremoteError as exc:
         raise JlremoteError(f"{session.name}: {exc.message}", exc.code) from None
     return LogResult(session.name, session.host, lines_read)
@@ -33,10 +36,19 @@ def follow(name: str | None, lines: int = 50) -> int:
     session's end (exit 0)."""
     if lines < 0:
         raise JlremoteError("-n must be 0 or more", ExitCode.USAGE)
-    session = StateStore(state_dir()).pick(name)
+    store = StateStore(state_dir())
+    session = store.pick(name)
     cfg = ssh.SshConfig.from_environment()
-    script = scripts.logs(session.server.session_id, lines, follow=True)
-    rc = proc.stream(ssh.command_argv(cfg, session.host, script.command()), clean)
+    login = remote.identity(session.server).login
+    script = scripts.logs(session.server.session_id, lines, follow=True, login=login)
+
+    def run(c: ssh.SshConfig) -> int:
+        return proc.stream(ssh.command_argv(c, session.host, script.command()), clean)
+
+    rc = run(lifecycle.config_for(cfg, session))
+    if rc == scripts.Rc.ELSEWHERE and not session.server.pinned and session.server.login_addr:
+        # The name led to another login node (which printed nothing): the session's one.
+        rc = run(lifecycle.config_for(cfg, lifecycle.pin(store, session)))
     if rc == scripts.Rc.NO_ENTRY:
         raise JlremoteError(
             f"{session.name}: the server log is gone (the session has ended)", ExitCode.NO_SESSION

@@ -100,10 +100,13 @@ def _reuse(
         try:
             remote.prove_serving(cfg, session.host, session.server, session.tunnel.control_path)
         except JlremoteError as exc:
-            if exc.code != ExitCode.SERVER:
+            if remote.elsewhere(exc):
+                alive = False  # a tunnel to the wrong login node: re-opened below
+            elif exc.code != ExitCode.SERVER:
                 raise
-            _forget_gone(cfg, store, session)
-            return None
+            else:
+                _forget_gone(cfg, store, session)
+                return None
     if alive and _answers(session, timeout=3.0):
         log.debug("session %s is alive; reusing it", session.name)
         if not supervisor.of(session).alive():  # e.g. after a local reboot
@@ -123,16 +126,14 @@ def _reuse(
             local_port,
         )
     try:
-        new_tunnel = _reopen(cfg, session, local_port, timeout=5.0)
+        session, new_tunnel = _reopen(cfg, store, session, local_port, timeout=5.0)
     except JlremoteError as exc:
         if exc.code in (ExitCode.CONNECT, ExitCode.AUTH, ExitCode.NO_SSH, ExitCode.LOCAL_PORT):
             raise
-        if exc.code != ExitCode.SERVER:  # SERVER: the re-open's own check found it gone
-            # No answer: the server may be gone. Ask the remote whether it is still ours.
-            probe_timeout = cfg.connect_timeout + 15
-            state = remote.probe(cfg, session.host, [session.server], timeout=probe_timeout)
-            if state.get(session.server.session_id) == "running":
-                raise
+        # SERVER: the re-open's own check found it gone. Otherwise there was no answer:
+        # the server may be gone. Ask the remote whether it is still ours.
+        if exc.code != ExitCode.SERVER and lifecycle.probe(cfg, store, session) == "running":
+            raise
         _forget_gone(cfg, store, session)
         return None
     session = replace(session, tunnel=new_tunnel)
@@ -169,8 +170,24 @@ def _supervise(store: StateStore, session: Session) -> Session:
     return session
 
 
-def _reopen(cfg: ssh.SshConfig, session: Session, local_port: int, timeout: float) -> Tunnel:
-    """A new tunnel for SESSION on LOCAL_PORT, proven to answer."""
+def _reopen(
+    cfg: ssh.SshConfig, store: StateStore, session: Session, local_port: int, timeout: float
+) -> tuple[Session, Tunnel]:
+    """A new tunnel for SESSION on LOCAL_PORT, proven to answer; on the session's login
+    node (should the host's name have led to another one, the session is pinned to its
+    own from now on: returned with the tunnel)."""
+    try:
+        return session, _reopen_once(
+            lifecycle.config_for(cfg, session), session, local_port, timeout
+        )
+    except JlremoteError as exc:
+        if not lifecycle.wrong_login(session, exc):
+            raise
+    session = lifecycle.pin(store, session)
+    return session, _reopen_once(lifecycle.config_for(cfg, session), session, local_port, timeout)
+
+
+def _reopen_once(cfg: ssh.SshConfig, session: Session, local_port: int, timeout: float) -> Tunnel:
     logfile = lifecycle.tunnel_log(session.name)
     t = tunnel.open_tunnel(
         cfg,
@@ -207,6 +224,16 @@ class _Tx:
     master: Tunnel | None = None  # the tunnel's own connection (closed on undo)
     sup: Owned | None = None  # the supervisor, spawned early (stopped on undo)
     attached: bool = False  # the server is another client's: not ours to stop
+    # The login node the shared connection reached (`NAME BOOT_ID`) and its address, and
+    # whether the host's name leads to several login nodes (then cfg is pinned to it).
+    login: str = ""
+    login_addr: str = ""
+    pinned: bool = False
+
+    def pin_to(self, addr: str) -> None:
+        """From now on, every connection goes to the login node at ADDR."""
+        self.cfg = remote.pinned(self.cfg, self.host, addr)
+        self.login_addr, self.pinned = addr, True
 
     @property
     def host(self) -> str:
@@ -252,10 +279,24 @@ class _Tx:
 
         self.undo.callback(quietly)
 
-    def connect_and_supervise(self) -> None:
+    def connect_and_supervise(self, same_login: bool = False) -> None:
         """The tunnel's own connection and the supervisor (which waits until the record
-        names it), plus the imports verification needs: done while the server boots."""
-        self.own_master(tunnel.start_master(self.cfg, self.host, self.session_id, self.logfile))
+        names it), plus the imports verification needs: done while the server boots.
+        With SAME_LOGIN, the connection must reach the login node the server starts on:
+        one look through it (while the server boots) tells, and where the host's name led
+        elsewhere, the connection goes to the server's node instead (pinned)."""
+        master = tunnel.start_master(self.cfg, self.host, self.session_id, self.logfile)
+        self.own_master(master)
+        if same_login and not self.pinned and self.login:
+            wait = self.cfg.connect_timeout + 15
+            there, _ = remote.hello(self.cfg, self.host, wait, via=master.control_path)
+            if there != self.login:
+                log.info("%s leads to several login nodes: pinning to %s", self.host, self.login)
+                tunnel.close_tunnel(master)
+                self.pin_to(self.login_addr)
+                self.master = tunnel.start_master(
+                    self.cfg, self.host, self.session_id, self.logfile
+                )
         tunnel.preload()
         self.own_supervisor(supervisor.spawn(self.name, self.opts.wait + 60))
 
@@ -297,10 +338,10 @@ def _transaction(
     with contextlib.ExitStack() as undo:
         tx = _Tx(cfg, store, opts, undo)
         # Last of the undos: jlremote's shared connection, if no session uses the host.
-        undo.callback(lifecycle.release_if_unused, cfg, store, tx.host)
+        undo.callback(lambda: lifecycle.release_if_unused(cfg, store, tx.host, tx.cfg))
         # Authenticate once (this may prompt), before anything runs in parallel.
         opts.progress(f"connecting to {tx.host}")
-        remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
+        tx.login, tx.login_addr = remote.hello(cfg, tx.host, cfg.connect_timeout + 15)
         server = backend(tx)
         assert tx.master is not None and tx.sup is not None
         local_port = opts.local_port or tunnel.pick_free_port()
@@ -309,7 +350,7 @@ def _transaction(
             + ("a private socket" if server.sock else f"port {server.port}")
             + (f" on {server.node}" if server.node else "")
         )
-        tx.own_master(tunnel.add_forward(cfg, tx.host, tx.master, local_port, server.target))
+        tx.own_master(tunnel.add_forward(tx.cfg, tx.host, tx.master, local_port, server.target))
         session = Session(
             name=tx.name,
             host=tx.host,
@@ -320,6 +361,8 @@ def _transaction(
             supervisor_pid=tx.sup.pid,
             supervisor_created=tx.sup.created,
         )
+        if tx.pinned:
+            session = replace(session, server=replace(server, pinned=True))
         opts.progress("verifying the URL")
         tunnel.wait_for_api(
             local_port, server.base_url, tx.token, timeout=_verify_time(opts), log_path=tx.logfile
@@ -347,11 +390,24 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
     spec = tx.spec(transport)
     tx.opts.progress(f"launching {spec.subcommand} on {tx.host}, waiting for the server")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(tx.connect_and_supervise)
+        pending = pool.submit(tx.connect_and_supervise, True)
         try:
             launched = remote.launch(tx.cfg, tx.host, spec, tx.token)
         finally:
             pending.exception()  # whatever happened, what it made is registered
+    if launched.elsewhere:
+        # A live server of this name on another login node: attach to it there.
+        pending.result()
+        tx.pin_to(launched.elsewhere)
+        tx.login = launched.server.login
+        launched = remote.launch(tx.cfg, tx.host, spec, tx.token)
+        if launched.attached_token is None:  # it ended meanwhile: ours now, on that node
+            ident = remote.identity(launched.server)
+            tx.own_remote(lambda: remote.stop(tx.cfg, tx.host, ident, 5))
+            assert tx.master is not None
+            tunnel.close_tunnel(tx.master)
+            tx.own_master(tunnel.start_master(tx.cfg, tx.host, tx.session_id, tx.logfile))
+            return launched.server
     server = launched.server
     if launched.attached_token is None:
         log.debug("server pid %d listens on remote port %d", server.pid, server.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,8 @@ from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
 from jlremote.state import RemoteServer, Session, StateStore
+
+log = logging.getLogger(__name__)
 
 Probed = tuple[dict[str, str], dict[str, slurm.JobState]]
 
@@ -50,6 +53,14 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                     jobs.update(answer[1])
                 if error is not None:
                     errors[host] = error
+        # Sessions whose host's name led to another login node than theirs: asked on theirs.
+        for s in sessions.values():
+            if answers.get(s.host, {}).get(s.server.session_id) == "elsewhere":
+                try:
+                    answers[s.host][s.server.session_id] = lifecycle.probe(cfg, None, s)
+                except JlremoteError as exc:
+                    answers[s.host].pop(s.server.session_id)
+                    errors.setdefault(s.host, exc.message)
 
     rows = []
     now = time.time()
@@ -92,6 +103,8 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 node=s.server.node,
                 job_state=job.state if s.server.job_id and probed else "",
                 time_left=job.time_left if job.state == "RUNNING" else "",
+                login_node=s.server.login_name,
+                pinned=s.server.pinned,
             )
         )
     return rows
@@ -102,7 +115,21 @@ def remote_status(host: str) -> list[RemoteRow]:
     host = ssh.check_host(host)
     cfg = ssh.SshConfig.from_environment()
     known = {s.server.session_id for s in StateStore(state_dir()).read().values()}
-    entries = remote.list_sessions(cfg, host, timeout=cfg.connect_timeout + 15)
+    timeout = cfg.connect_timeout + 15
+    entries = remote.list_sessions(cfg, host, timeout)
+    # Several login nodes may share one home: the sessions of the others are listed by
+    # their own node, reached at the address it was started through.
+    others = {e.login_addr for e in entries if not e.here and e.login_addr}
+    if others:
+        here = [e for e in entries if e.here]
+        for addr in sorted(others):
+            try:
+                found = remote.list_sessions(remote.pinned(cfg, host, addr), host, timeout)
+            except JlremoteError as exc:
+                log.warning("could not ask the login node at %s: %s", addr, exc.message)
+                found = [e for e in entries if not e.here and e.login_addr == addr]
+            here += [e for e in found if e.here or e.login_addr == addr]
+        entries = list({e.session_id: e for e in here}.values())
     return [
         RemoteRow(
             host=host,
@@ -112,6 +139,7 @@ def remote_status(host: str) -> list[RemoteRow]:
             transport="socket" if e.sock else "tcp",
             notebook=e.kind == "notebook",
             local=e.session_id in known,
+            login_node=e.login.split(" ")[0],
         )
         for e in entries
     ]

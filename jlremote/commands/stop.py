@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from jlremote import remote, ssh
 from jlremote import session as lifecycle
+from jlremote import ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import StopResult
@@ -63,7 +63,7 @@ def _stop_one(
             raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
         closed = lifecycle.close_local(session)
         try:
-            server = remote.stop(cfg, session.host, remote.identity(session.server), grace)
+            server = lifecycle.stop_server(cfg, store, session, grace)
         except JlremoteError as exc:
             if not forget:
                 raise JlremoteError(

@@ -3,7 +3,9 @@
 # report on it, or report the live server already named NAME (ATTACH=1: only that).
 # WAIT is whole seconds to wait, TIMEOUT what the user asked for. The token comes on stdin. Reports: WAIT lines while waiting (a write to a vanished
 # client raises SIGPIPE, and the trap stops the half-started server), then PID, START,
-# ARGS, DIR and the server's runtime JSON.
+# ARGS, DIR, LOGIN (this login node and the address the client reached) and the server's
+# runtime JSON. A live server of NAME on another login node is reported with its LOGIN
+# and no runtime JSON: the client attaches to it there.
 sid=$1 name=$2 kind=$3 attach=$4 wait_s=$5 timeout=$6 transport=$7 env=$8 dir=$9
 shift 9
 
@@ -88,8 +90,10 @@ ar=$(ps -ww -o args= -p "$pid")
 printf '%s\n' "$pid" >"$d/server.pid"
 printf '%s\n' "$st" >"$d/server.start"
 printf '%s\n' "$ar" >"$d/server.args"
+printf '%s %s\n' "$(node_id)" "$(node_addr)" >"$d/login"
 report PID "$pid"
 report START "$st"
 report ARGS "$ar"
 report DIR "$d"
+report LOGIN "$(cat "$d/login")"
 report_file "$f"

@@ -23,6 +23,7 @@ umask 077
   RC_NEEDS_ROOT=90      # Jupyter refused to run as root without --allow-root
   RC_NO_SOCKET=91       # the server could not serve on a Unix socket
   RC_SLURM_SILENT=92    # Slurm did not answer about a job
+  RC_ELSEWHERE=93       # this is another login node than the session's
   RC_NOT_FOUND=127      # jupyter not found (the shell's own code for it)
 
   SESSIONS=$HOME/.jlremote/sessions
@@ -43,6 +44,24 @@ report() { printf 'JLREMOTE-%s %s\n' "$1" "$2"; }
 
 # report_file FILE: a server's runtime JSON, between JLREMOTE-INFO and JLREMOTE-END.
 report_file() { echo JLREMOTE-INFO; cat "$1"; echo; echo JLREMOTE-END; }
+
+# node_id: this login node, as `NAME BOOT_ID`. Several login nodes behind one name share
+# one home: each session directory says (its `login` file) which node its server runs on.
+node_id() {
+  printf '%s %s\n' "$(uname -n)" "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo -)"
+}
+
+# node_addr: the address this ssh connection really reached (the remote's SSH_CONNECTION).
+node_addr() { printf '%s\n' "$SSH_CONNECTION" | cut -d' ' -f3; }
+
+# at_node NODE: go on only on the login node NODE ("": any); elsewhere, say where this is.
+at_node() {
+  [ -z "$1" ] && return 0
+  here=$(node_id)
+  [ "$here" = "$1" ] && return 0
+  say "this is the login node $here, not $1"
+  exit "$RC_ELSEWHERE"
+}
 
 # check_id ID: session (and probe) ids are lowercase hex only: they name files.
 check_id() { case $1 in '' | *[!0-9a-f]*) say "not a session id: $1"; exit 2 ;; esac; }
@@ -156,12 +175,31 @@ report_entry() {
   report START "$(cat "$1/server.start")"
   report ARGS "$(cat "$1/server.args")"
   report DIR "$1"
+  [ -f "$1/login" ] && report LOGIN "$(cat "$1/login")"
   report_file "$f"
 }
 
+# report_other DIR: an entry of another login node: only that node can tell whether its
+# server lives, so it is reported as it is, with the node (LOGIN NAME BOOT ADDR).
+report_other() {
+  report ENTRY "${1##*/}"
+  report NAME "$(cat "$1/name" 2>/dev/null)"
+  report KIND "$(cat "$1/kind" 2>/dev/null)"
+  report LOGIN "$(cat "$1/login")"
+}
+
+# elsewhere DIR: is DIR's server on another login node than this one?
+elsewhere() {
+  [ -f "$1/login" ] || return 1
+  read -r ln lb _ <"$1/login"
+  [ "$ln $lb" != "$here" ]
+}
+
 # scan [NAME]: report every live server of this user here (or only the one named NAME,
-# then succeed), and remove the directories of dead ones.
+# then succeed), and remove the directories of dead ones. Entries of other login nodes
+# are reported as they are (report_other) and never removed here.
 scan() {
+  here=$(node_id)
   for e in "$SESSIONS"/*; do
     if [ -f "$e/job.id" ]; then
       # A server in a Slurm job: not on this host, so not attachable here. Its directory
@@ -172,6 +210,14 @@ scan() {
       continue
     fi
     [ -f "$e/server.pid" ] || continue
+    if elsewhere "$e"; then
+      if [ -z "$1" ]; then
+        report_other "$e"
+      elif [ "$(cat "$e/name" 2>/dev/null)" = "$1" ]; then
+        report_other "$e" && return 0
+      fi
+      continue
+    fi
     if is_ours "$(cat "$e/server.pid")" "$(cat "$e/server.start" 2>/dev/null)" \
       "$(cat "$e/server.args" 2>/dev/null)"; then
       if [ -z "$1" ]; then

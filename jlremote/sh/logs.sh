@@ -1,8 +1,9 @@
-# logs.sh SESSION LINES FOLLOW: the last LINES lines of the session's server log; with
+# logs.sh SESSION LINES FOLLOW LOGIN: on the login node LOGIN ("": any), the last LINES lines of the session's server log; with
 # FOLLOW=1 also new lines, until the session directory goes (the session was stopped) or
 # the client does: the local side holds ssh's stdin open, so its end is our EOF (and no
 # stray `tail` stays).
 use_session "$1"
+at_node "$4"
 [ -f "$d/server.log" ] || { say 'the server log is gone (the session has ended)'; exit "$RC_NO_ENTRY"; }
 [ "$3" = 1 ] || exec tail -n "$2" "$d/server.log"
 tail -n "$2" -F "$d/server.log" 2>/dev/null &

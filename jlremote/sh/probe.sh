@@ -1,14 +1,18 @@
-# probe.sh [SESSION PID START ARGS PORT JOB]...: report `PROBE SESSION STATE` for each
-# server, STATE one of running, gone, foreign (the PID is alive but another process now).
+# probe.sh [SESSION PID START ARGS PORT JOB LOGIN]...: report `PROBE SESSION STATE` for
+# each server, STATE one of running, gone, foreign (the PID is alive but another process
+# now), or elsewhere (LOGIN, the server's login node, is not this one: ask it there).
 # PORT (not 0) is a TCP server's port: it must still be the server's own, since once the
 # server has died another user may listen there and answer anything. A server in a Slurm
 # job (JOB not empty) runs while the job is RUNNING with our comment; its squeue line goes
 # out as `JOB SESSION STATE|REASON|NODE|LEFT|COMMENT`. When Slurm cannot tell, nothing is
 # said of that session (status shows it unknown).
-while [ $# -ge 6 ]; do
-  sid=$1 pid=$2 st=$3 ar=$4 port=$5 job=$6
-  shift 6
-  if [ -n "$job" ]; then
+here=$(node_id)
+while [ $# -ge 7 ]; do
+  sid=$1 pid=$2 st=$3 ar=$4 port=$5 job=$6 login=$7
+  shift 7
+  if [ -n "$login" ] && [ "$login" != "$here" ]; then
+    s=elsewhere
+  elif [ -n "$job" ]; then
     js=$(job_state "$job") || continue
     report JOB "$sid $js"
     case $js in

@@ -1,9 +1,11 @@
-# stop.sh SESSION PID START ARGS JOB TICKS: stop exactly our server, then remove its
+# stop.sh SESSION PID START ARGS JOB TICKS LOGIN: on the login node LOGIN ("": any; else
+# ELSEWHERE and nothing done), stop exactly our server, then remove its
 # session directory. TERM once it is proven ours (PID, start time and command line; for a
 # job: job id and our comment, through scancel), KILL only if it is still there after
 # TICKS tenths of a second. Reports `STOP STATE`: stopped, killed, gone or foreign.
 use_session "$1"
 pid=$2 st=$3 ar=$4 job=$5 ticks=$6
+at_node "$7"
 state=gone
 if [ -n "$job" ]; then
   # Slurm must answer first: a job it cannot tell about is neither ours nor ended, and

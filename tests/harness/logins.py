@@ -137,9 +137,7 @@ class SecondLogin:
         with (w / "known_hosts").open("a") as f:
             f.write(f"{name} {pub[0]} {pub[1]}\n")
         (w / "relay.py").write_text(RELAY)
-        proxy = (
-            f"{sys.executable} {w}/relay.py %h %p {w}/land {self.bed.remote_ip} {self.address}"
-        )
+        proxy = f"{sys.executable} {w}/relay.py %h %p {w}/land {self.bed.remote_ip} {self.address}"
         with (w / "ssh_config").open("a") as f:
             f.write(
                 f"Host {CLUSTER}\n  HostName {PUBLISHED}\n  Port {self.bed.port}\n"

@@ -200,8 +200,8 @@ def test_forward_to_a_compute_node_through_the_login_host() -> None:
 
 def test_job_probe_and_stop_take_job_id_and_refuse_anything_else() -> None:
     ident = ServerIdentity(SID, 99, "", "", job_id="42")
-    assert scripts.probe([ident]).args == (SID, "99", "", "", "0", "42")
-    assert scripts.stop(ident, grace=2).args == (SID, "99", "", "", "42", "20")
+    assert scripts.probe([ident]).args == (SID, "99", "", "", "0", "42", "")
+    assert scripts.stop(ident, grace=2).args == (SID, "99", "", "", "42", "20", "")
     with pytest.raises(ValueError):
         scripts.stop(ServerIdentity(SID, 1, "", "", job_id="42; rm -rf ~"))
 

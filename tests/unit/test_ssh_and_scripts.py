@@ -413,3 +413,60 @@ def test_stop_script_uses_kill_9_only_when_term_is_ignored(tmp_path: Path) -> No
     finally:
         stubborn.kill()
         stubborn.wait()
+
+
+def test_a_pinned_connection_keeps_the_names_host_key() -> None:
+    pinned = ssh.SshConfig(binary="/usr/bin/ssh", pin=("10.0.0.7", "login.cluster.edu"))
+    assert ssh.command_argv(pinned, "cluster", "true")[:5] == [
+        "/usr/bin/ssh",
+        "-o",
+        "HostName=10.0.0.7",
+        "-o",
+        "HostKeyAlias=login.cluster.edu",
+    ]
+    resolved = "user u\nhostname login.cluster.edu\nport 22\nhostkeyalias none\n"
+    assert ssh.host_key_alias(resolved) == "login.cluster.edu"
+    assert ssh.host_key_alias(resolved.replace("port 22", "port 2222")) == (
+        "[login.cluster.edu]:2222"
+    )
+    assert ssh.host_key_alias(resolved + "hostkeyalias cluster-key\n") == "login.cluster.edu"
+    assert ssh.host_key_alias("hostkeyalias cluster-key\nhostname h\n") == "cluster-key"
+
+
+def _node_id() -> str:
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{os.uname().nodename} {boot}"
+
+
+def test_scripts_act_only_on_the_sessions_login_node(tmp_path: Path) -> None:
+    """Another login node sharing the home: its entries are reported, never judged or
+    removed here; a stop or a probe meant for it does nothing here."""
+    sid = "00112233445566ff"
+    sdir = tmp_path / ".jlremote" / "sessions" / sid
+    sdir.mkdir(parents=True)
+    other = "login2 0000-boot"
+    for name, text in (
+        ("login", f"{other} 10.9.9.9\n"),
+        ("name", "gpu\n"),
+        ("kind", "lab\n"),
+        ("server.pid", "1\n"),  # PID 1 here is not its server: only login2 can tell
+        ("server.start", "x\n"),
+        ("server.args", "y\n"),
+    ):
+        (sdir / name).write_text(text)
+    listed = remote.entries_of(protocol.parse(_run(scripts.listing(), tmp_path).stdout))
+    assert [(e.session_id, e.name, e.here, e.login, e.login_addr) for e in listed] == [
+        (sid, "gpu", False, other, "10.9.9.9")
+    ]
+    assert sdir.exists()
+    theirs = ServerIdentity(sid, 1, "x", "y", login=other)
+    assert _probe([theirs], tmp_path) == {sid: "elsewhere"}
+    done = _run(scripts.stop(theirs, 1), tmp_path)
+    assert done.returncode == scripts.Rc.ELSEWHERE and "this is the login node" in done.stderr
+    assert sdir.exists()
+    assert _run(scripts.logs(sid, 5, False, login=other), tmp_path).returncode == 93
+    # Here, the same checks pass through.
+    ours = ServerIdentity(sid, 2**22 + 1, "x", "y", login=_node_id())
+    assert _probe([ours], tmp_path) == {sid: "gone"}
+    hello = protocol.parse(_run(scripts.hello(), tmp_path).stdout).head.get("LOGIN")
+    assert hello.startswith(_node_id())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jlremote.errors import JlremoteError
-from jlremote.state import RemoteServer, Session, StateStore, Tunnel
+from jlremote.state import SCHEMA_VERSION, RemoteServer, Session, StateStore, Tunnel
 
 
 def make(name: str, host: str = "gpubox", notebook: bool = False) -> Session:
@@ -48,7 +48,7 @@ def test_round_trip_mode_and_schema(tmp_path: Path) -> None:
     assert store.path.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "st").stat().st_mode & 0o777 == 0o700
     doc = json.loads(store.path.read_text())
-    assert doc["version"] == 3 and doc["sessions"]["a"]["server"]["pid"] == 4242
+    assert doc["version"] == SCHEMA_VERSION and doc["sessions"]["a"]["server"]["pid"] == 4242
     assert [p.name for p in (tmp_path / "st").iterdir() if p.name.endswith(".tmp")] == []
 
 
