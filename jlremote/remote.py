@@ -104,10 +104,19 @@ def ask(
     return protocol.parse(done.stdout)
 
 
+def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
+    """Open (or reuse) jlremote's control connection to HOST: the one place that may ask
+    for a password or 2FA, before anything runs in parallel."""
+    done = proc.run(
+        ssh.command_argv(cfg, host, "true"), timeout=timeout, what=f"connecting to {host}"
+    )
+    if done.returncode == 255:
+        raise ssh.explain_failure(host, done.stderr)
+
+
 def hello(cfg: ssh.SshConfig, host: str, timeout: float, via: str = "") -> tuple[str, str]:
-    """Which login node a connection to HOST reaches (`NAME BOOT_ID`) and at which address.
-    Without VIA it opens (or reuses) jlremote's control connection to HOST: the one place
-    that may ask for a password or 2FA, before anything runs in parallel."""
+    """Which login node a connection to HOST (with VIA: the master at that path) reaches,
+    as `NAME BOOT_ID`, and at which address."""
     reply = ask(
         cfg, host, scripts.hello(), timeout, f"connecting to {host}", ExitCode.CONNECT, via=via
     )

@@ -20,12 +20,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def config_for(cfg: ssh.SshConfig, session: Session) -> ssh.SshConfig:
+def config_for(cfg: ssh.SshConfig, session: Session, share: bool = True) -> ssh.SshConfig:
     """CFG as every connection for SESSION must use it: pinned to its login node when
-    its host's name leads to several."""
+    its host's name leads to several. Without SHARE, a pinned connection shares nothing
+    (a look that records nothing leaves no connection of its own behind)."""
     if not session.server.pinned:
         return cfg
-    return remote.pinned(cfg, session.host, session.server.login_addr)
+    found = remote.pinned(cfg, session.host, session.server.login_addr)
+    return found if share else replace(found, control_dir=None)
 
 
 def on_login(
@@ -66,10 +68,12 @@ def probe(cfg: ssh.SshConfig, store: StateStore | None, session: Session) -> str
     """`running`, `gone` or `foreign` for SESSION's server, asked on its login node."""
     server, host = session.server, session.host
     timeout = cfg.connect_timeout + 15
-    state = remote.probe(config_for(cfg, session), host, [server], timeout).get(server.session_id)
+    share = store is not None
+    use = config_for(cfg, session, share)
+    state = remote.probe(use, host, [server], timeout).get(server.session_id)
     if state == "elsewhere" and not server.pinned and server.login_addr:
         session = pin(store, session)
-        answer = remote.probe(config_for(cfg, session), host, [server], timeout)
+        answer = remote.probe(config_for(cfg, session, share), host, [server], timeout)
         state = answer.get(server.session_id)
     return "gone" if state == "elsewhere" else (state or "unknown")
 
@@ -128,13 +132,17 @@ def forget(cfg: ssh.SshConfig, store: StateStore, name: str) -> None:
 def release_if_unused(
     cfg: ssh.SshConfig, store: StateStore, host: str, pinned: ssh.SshConfig | None = None
 ) -> None:
-    """Close jlremote's shared connection to HOST when no session of it is left (and the
-    one to a login node of HOST, with PINNED)."""
-    if not any(s.host == host for s in store.read().values()):
-        for each in (cfg, pinned):
-            if each is not None:
-                with contextlib.suppress(JlremoteError):
-                    remote.release(each, host)
+    """Close jlremote's shared connection to HOST when no session of it is left, and the
+    one to HOST's login node of PINNED when no session is pinned to that node any more."""
+    left = [s for s in store.read().values() if s.host == host]
+    if not left:
+        with contextlib.suppress(JlremoteError):
+            remote.release(cfg, host)
+    if pinned is not None and pinned.pin is not None:
+        addr = pinned.pin[0]
+        if not any(s.server.pinned and s.server.login_addr == addr for s in left):
+            with contextlib.suppress(JlremoteError):
+                remote.release(pinned, host)
 
 
 def end(cfg: ssh.SshConfig, store: StateStore, session: Session, grace: float) -> str:

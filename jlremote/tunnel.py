@@ -45,8 +45,11 @@ def pick_free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
-    """Whether we could listen on 127.0.0.1:`port` now."""
+    """Whether we could listen on 127.0.0.1:`port` now. As ssh binds it (SO_REUSEADDR): the
+    connections a dead tunnel leaves in TIME_WAIT do not keep the port from us, a listener
+    does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:

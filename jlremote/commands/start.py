@@ -224,16 +224,19 @@ class _Tx:
     master: Tunnel | None = None  # the tunnel's own connection (closed on undo)
     sup: Owned | None = None  # the supervisor, spawned early (stopped on undo)
     attached: bool = False  # the server is another client's: not ours to stop
-    # The login node the shared connection reached (`NAME BOOT_ID`) and its address, and
-    # whether the host's name leads to several login nodes (then cfg is pinned to it).
-    login: str = ""
-    login_addr: str = ""
+    # The login node the tunnel's connection reached (`NAME BOOT_ID`), and whether the
+    # host's name leads to several login nodes (then cfg is pinned to the server's).
+    master_login: str = ""
     pinned: bool = False
 
     def pin_to(self, addr: str) -> None:
-        """From now on, every connection goes to the login node at ADDR."""
+        """From now on, every connection goes to the login node at ADDR (a new tunnel
+        connection there too)."""
         self.cfg = remote.pinned(self.cfg, self.host, addr)
-        self.login_addr, self.pinned = addr, True
+        self.pinned = True
+        assert self.master is not None
+        tunnel.close_tunnel(self.master)
+        self.master = tunnel.start_master(self.cfg, self.host, self.session_id, self.logfile)
 
     @property
     def host(self) -> str:
@@ -287,16 +290,9 @@ class _Tx:
         elsewhere, the connection goes to the server's node instead (pinned)."""
         master = tunnel.start_master(self.cfg, self.host, self.session_id, self.logfile)
         self.own_master(master)
-        if same_login and not self.pinned and self.login:
+        if same_login:
             wait = self.cfg.connect_timeout + 15
-            there, _ = remote.hello(self.cfg, self.host, wait, via=master.control_path)
-            if there != self.login:
-                log.info("%s leads to several login nodes: pinning to %s", self.host, self.login)
-                tunnel.close_tunnel(master)
-                self.pin_to(self.login_addr)
-                self.master = tunnel.start_master(
-                    self.cfg, self.host, self.session_id, self.logfile
-                )
+            self.master_login, _ = remote.hello(self.cfg, self.host, wait, via=master.control_path)
         tunnel.preload()
         self.own_supervisor(supervisor.spawn(self.name, self.opts.wait + 60))
 
@@ -338,10 +334,12 @@ def _transaction(
     with contextlib.ExitStack() as undo:
         tx = _Tx(cfg, store, opts, undo)
         # Last of the undos: jlremote's shared connection, if no session uses the host.
-        undo.callback(lambda: lifecycle.release_if_unused(cfg, store, tx.host, tx.cfg))
+        undo.callback(
+            lambda: lifecycle.release_if_unused(cfg, store, tx.host, tx.cfg if tx.pinned else None)
+        )
         # Authenticate once (this may prompt), before anything runs in parallel.
         opts.progress(f"connecting to {tx.host}")
-        tx.login, tx.login_addr = remote.hello(cfg, tx.host, cfg.connect_timeout + 15)
+        remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
         server = backend(tx)
         assert tx.master is not None and tx.sup is not None
         local_port = opts.local_port or tunnel.pick_free_port()
@@ -399,16 +397,22 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
         # A live server of this name on another login node: attach to it there.
         pending.result()
         tx.pin_to(launched.elsewhere)
-        tx.login = launched.server.login
         launched = remote.launch(tx.cfg, tx.host, spec, tx.token)
         if launched.attached_token is None:  # it ended meanwhile: ours now, on that node
             ident = remote.identity(launched.server)
             tx.own_remote(lambda: remote.stop(tx.cfg, tx.host, ident, 5))
-            assert tx.master is not None
-            tunnel.close_tunnel(tx.master)
-            tx.own_master(tunnel.start_master(tx.cfg, tx.host, tx.session_id, tx.logfile))
             return launched.server
     server = launched.server
+    moved = server.login != tx.master_login and server.login_addr and tx.master_login
+    if launched.attached_token is None and moved:
+        # The tunnel's own connection reached another login node than the server's:
+        # the host's name leads to several; the session is pinned to the server's.
+        pending.result()
+        log.info("%s leads to several login nodes: pinning to %s", tx.host, server.login_name)
+        ident = remote.identity(server)
+        tx.own_remote(lambda: remote.stop(tx.cfg, tx.host, ident, 5))
+        tx.pin_to(server.login_addr)
+        return server
     if launched.attached_token is None:
         log.debug("server pid %d listens on remote port %d", server.pid, server.port)
         ident = remote.identity(server)
@@ -419,9 +423,17 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
     # Another client's server: not ours to stop if attaching fails here, and the tunnel's
     # master must be named after that session.
     tx.token, tx.attached = launched.attached_token, True
+    tx.session_id = server.session_id
     assert tx.master is not None
     tunnel.close_tunnel(tx.master)
     tx.own_master(tunnel.start_master(tx.cfg, tx.host, server.session_id, tx.logfile))
+    if server.login and server.login_addr and not tx.pinned:
+        # Its tunnel must reach the login node it runs on (the host's name may lead to
+        # several): one look through the new connection.
+        wait = tx.cfg.connect_timeout + 15
+        there, _ = remote.hello(tx.cfg, tx.host, wait, via=tx.master.control_path)
+        if there != server.login:
+            tx.pin_to(server.login_addr)
     check = remote.proof_of(tx.cfg, tx.host, server)
     if check is not None:
         check(tx.master)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from jlremote import remote, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
@@ -124,7 +125,8 @@ def remote_status(host: str) -> list[RemoteRow]:
         here = [e for e in entries if e.here]
         for addr in sorted(others):
             try:
-                found = remote.list_sessions(remote.pinned(cfg, host, addr), host, timeout)
+                there = replace(remote.pinned(cfg, host, addr), control_dir=None)
+                found = remote.list_sessions(there, host, timeout)
             except JlremoteError as exc:
                 log.warning("could not ask the login node at %s: %s", addr, exc.message)
                 found = [e for e in entries if not e.here and e.login_addr == addr]

@@ -6,6 +6,7 @@ to the login node their server runs on: no client, and no login node, ever loses
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +38,22 @@ def answers(url: str) -> bool:
     return http_get(api(url, "api/status"), token_of(url), timeout=2)[0] == 200
 
 
+def second_client(jl: Jl) -> Jl:
+    """Another computer of the same user: its own state and runtime directories."""
+    state = Path(tempfile.mkdtemp(prefix="jlr-2nd-"))
+    runtime = Path(tempfile.mkdtemp(prefix="jlr-", dir="/tmp"))
+    env = dict(jl.env, JLREMOTE_STATE_DIR=str(state), JLREMOTE_RUNTIME_DIR=str(runtime))
+    return Jl(env, state, runtime)
+
+
+def forget_client(client: Jl, testbed: Testbed) -> None:
+    """That computer goes away (its servers stay): its processes and files here go."""
+    kill_supervisors(client.state_dir)
+    testbed.kill_local_ssh(marker=str(client.runtime_dir))
+    shutil.rmtree(client.state_dir, ignore_errors=True)
+    shutil.rmtree(client.runtime_dir, ignore_errors=True)
+
+
 def row(jl: Jl) -> dict:  # type: ignore[type-arg]
     rows = jl("status", "--json").json()
     assert len(rows) == 1, rows
@@ -46,9 +63,7 @@ def row(jl: Jl) -> dict:  # type: ignore[type-arg]
 LOGIN1 = os.uname().nodename
 
 
-def test_a_session_stays_with_its_login_node(
-    jl: Jl, testbed: Testbed, login2: SecondLogin
-) -> None:
+def test_a_session_stays_with_its_login_node(jl: Jl, testbed: Testbed, login2: SecondLogin) -> None:
     # TCP: on the test bed, unlike on a real cluster, a Unix socket in the shared home is
     # reachable from login2 too (one kernel), so only a TCP port tells the nodes apart:
     # 127.0.0.1 on login2 is another loopback.
@@ -79,8 +94,7 @@ def test_a_session_stays_with_its_login_node(
     assert len(listed) == 1
 
     # A second client with nothing recorded, landing on login2, attaches to it on login1.
-    state2 = Path(tempfile.mkdtemp(prefix="jlr-2nd-"))
-    other = Jl(dict(jl.env, JLREMOTE_STATE_DIR=str(state2)), state2, jl.runtime_dir)
+    other = second_client(jl)
     try:
         r2 = other("start", CLUSTER, "--json")
         assert r2.rc == 0, r2.stderr
@@ -88,7 +102,7 @@ def test_a_session_stays_with_its_login_node(
         assert answers(r2.json()["url"])
         assert other("stop", "--all").rc == 0  # stops the server, on login1
     finally:
-        kill_supervisors(state2)
+        forget_client(other, testbed)
     wait_until(lambda: not jupyter_pids(testbed), 15, "the server to stop on login1")
     assert row(jl)["server"] == "gone"
     assert jl("stop", CLUSTER).rc == 0
@@ -117,9 +131,7 @@ def test_a_server_on_login2_is_found_and_stopped_from_login1(
     assert_nothing_left(testbed, jl)
 
 
-def test_a_name_with_one_node_is_not_pinned(
-    jl: Jl, testbed: Testbed, login2: SecondLogin
-) -> None:
+def test_a_name_with_one_node_is_not_pinned(jl: Jl, testbed: Testbed, login2: SecondLogin) -> None:
     login2.land("1")
     assert jl("start", CLUSTER, "--transport", "tcp").rc == 0
     os.kill(jl.sessions()[CLUSTER]["tunnel"]["pid"], signal.SIGKILL)
@@ -128,3 +140,118 @@ def test_a_name_with_one_node_is_not_pinned(
     assert row(jl)["pinned"] is False
     assert jl("stop", CLUSTER).rc == 0
     assert_nothing_left(testbed, jl)
+
+
+ROUNDS = 6
+
+
+@pytest.mark.parametrize("transport", ["socket", "tcp"])
+def test_rounds_on_a_name_that_lands_anywhere(
+    jl: Jl, testbed: Testbed, login2: SecondLogin, transport: str
+) -> None:
+    """Every connection lands on a login node at random: sessions on both nodes are
+    started, listed, attached to from an empty client, healed and stopped, round after
+    round, and nothing is lost, broken or left behind."""
+    nodes = set()
+    other = second_client(jl)
+    try:
+        for i in range(ROUNDS):
+            login2.land("random")
+            names = [f"r{i}a", f"r{i}b"]
+            urls = {}
+            for name in names:
+                r = jl("start", CLUSTER, "--name", name, "--transport", transport)
+                assert r.rc == 0, r.stderr
+                urls[name] = r.url
+            rows = {x["name"]: x for x in jl("status", "--json").json()}
+            assert all(rows[n]["server"] == "running" for n in names), rows
+            nodes.update(rows[n]["login_node"] for n in names)
+            listed = jl("status", "--remote", CLUSTER, "--json").json()
+            assert sorted(x["name"] for x in listed) == sorted(names), listed
+            # Every tunnel killed: each URL comes back, on its own node.
+            for name in names:
+                os.kill(jl.sessions()[name]["tunnel"]["pid"], signal.SIGKILL)
+            for name in names:
+                wait_until(lambda u=urls[name]: answers(u), 30, f"{name} to answer again")
+            # An empty client attaches to each, wherever it lands.
+            for name in names:
+                r2 = other("start", CLUSTER, "--name", name, "--json")
+                assert r2.rc == 0 and r2.json()["attached"], r2.stderr
+                assert answers(r2.json()["url"])
+            forget_client(other, testbed)
+            other = second_client(jl)
+            r = jl("stop", "--all", "--json")
+            assert r.rc == 0, r.stderr
+            assert {x["server"] for x in r.json()} <= {"stopped", "gone"}
+            wait_until(lambda: not jupyter_pids(testbed), 15, "every server to stop")
+            assert_nothing_left(testbed, jl)
+    finally:
+        forget_client(other, testbed)
+    print(f"{ROUNDS} rounds, sessions on {sorted(nodes)}")
+
+
+def test_a_login_node_that_is_down_loses_nothing(
+    jl: Jl, testbed: Testbed, login2: SecondLogin
+) -> None:
+    login2.land("2")
+    r = jl("start", CLUSTER, "--transport", "tcp")
+    assert r.rc == 0, r.stderr
+    url = r.url
+    assert row(jl)["login_node"] == login2.hostname
+    login2.land("1")
+    login2.down()
+    try:
+        state = row(jl)
+        assert state["server"] == "unknown", state
+        assert jl("status").stderr  # with the reason, on stderr
+        # start (the alias) cannot reach it, says so, and removes nothing.
+        again = jl("start", CLUSTER, "--timeout", "5")
+        assert again.rc in (4, 10), again.stderr
+        assert CLUSTER in jl.sessions()
+        listed = testbed.remote_run(["ls", f"{testbed.home}/.jlremote/sessions"]).stdout.split()
+        assert len(listed) == 1  # login1 removed nothing of login2's
+    finally:
+        login2.up()
+    wait_until(lambda: row(jl)["server"] == "running", 30, "login2's session to be back")
+    assert jl("start", CLUSTER).url == url
+    assert answers(url)
+    # And while it is down, `stop --forget` still works.
+    login2.down()
+    try:
+        r = jl("stop", CLUSTER, "--forget", "--grace", "1", timeout=120)
+        assert r.rc == 0, r.stderr
+        assert CLUSTER not in jl.sessions()
+    finally:
+        login2.up()
+    # Its server outlived the record (--forget): still there, on login2; stopped by hand.
+    assert jupyter_pids(testbed)
+    testbed.kill_remote_processes()
+    testbed.remote_run(["rm", "-rf", f"{testbed.home}/.jlremote/sessions"])
+
+
+def test_a_slurm_session_works_through_any_login_node(
+    jl: Jl, testbed: Testbed, login2: SecondLogin
+) -> None:
+    from tests.harness.slurmbed import Cluster, available
+
+    why = available()
+    if why is not None:
+        pytest.skip(why)
+    cluster = Cluster.create(testbed)
+    try:
+        login2.land("1")
+        r = jl("start", CLUSTER, "--slurm", "--json")
+        assert r.rc == 0, r.stderr
+        url, job = r.json()["url"], r.json()["job_id"]
+        assert answers(url)
+        login2.land("2")
+        state = row(jl)
+        assert (state["server"], state["job_id"], state["pinned"]) == ("running", job, False)
+        os.kill(jl.sessions()[CLUSTER]["tunnel"]["pid"], signal.SIGKILL)
+        wait_until(lambda: answers(url), 30, "the job's URL to answer again")
+        r = jl("stop", CLUSTER, "--json")
+        assert r.rc == 0 and r.json()[0]["server"] == "stopped", r.stderr
+        wait_until(lambda: not cluster.jobs(), 30, "the job to end")
+        assert_nothing_left(testbed, jl)
+    finally:
+        cluster.close()

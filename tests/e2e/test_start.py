@@ -29,7 +29,8 @@ def jupyter_pids(bed: Testbed) -> list[int]:
 
 
 def assert_nothing_left(bed: Testbed, jl: Jl) -> None:
-    assert bed.kill_local_ssh(marker=str(jl.runtime_dir)) == []
+    left = bed.kill_local_ssh(marker=str(jl.runtime_dir))
+    assert left == [], [bed.killed_argv.get(pid, "?") for pid in left]
     assert bed.kill_remote_processes() == []
     assert jl.sessions() == {}
     sessions = Path(bed.home) / ".jlremote" / "sessions"

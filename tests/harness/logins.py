@@ -27,16 +27,18 @@ CLUSTER = "cluster"
 PUBLISHED = "jlr-login.cluster.test"  # the name known_hosts holds the key for
 
 # The stand-in for round-robin DNS: argv HOST PORT FILE LOGIN1 LOGIN2. HOST is the
-# published name: the next login node (FILE says 1, 2, or alternates); else HOST itself.
+# published name: the next login node (FILE says 1, 2, alt or random); else HOST itself.
 RELAY = r"""
-import os, select, socket, sys
+import os, random, select, socket, sys
 host, port, state, one, two = sys.argv[1:6]
 if host == "PUBLISHED":
     try:
         want = open(state).read().strip()
     except OSError:
-        want = "alt"
-    if want == "alt":
+        want = "random"
+    if want == "random":
+        want = random.choice("12")
+    elif want == "alt":
         n = int(open(state + ".n").read()) if os.path.exists(state + ".n") else 0
         open(state + ".n", "w").write(str(n + 1))
         want = "1" if n % 2 == 0 else "2"
@@ -101,6 +103,9 @@ class SecondLogin:
         _run([*ns, "ip", "addr", "add", f"{net}.2/24", "dev", peer])
         _run([*ns, "ip", "link", "set", peer, "up"])
         _run([*ns, "ip", "link", "set", "lo", "up"])
+        # This side's addresses (the Slurm test cluster's controller and node) are
+        # reachable from login2 too, as a cluster's are from each login node.
+        _run([*ns, "ip", "route", "add", "default", "via", f"{net}.1"])
 
     def _sshd(self) -> None:
         w = Path(self.bed.workdir)
@@ -148,8 +153,15 @@ class SecondLogin:
             )
 
     def land(self, where: str) -> None:
-        """Where the next connections to `cluster` land: "1", "2" or "alt"."""
+        """Where the next connections to `cluster` land: "1", "2", "alt" or "random"."""
         (Path(self.bed.workdir) / "land").write_text(where)
+
+    def down(self) -> None:
+        """login2 unreachable (its link down); its processes live on."""
+        _run(["ip", "link", "set", self.veth, "down"])
+
+    def up(self) -> None:
+        _run(["ip", "link", "set", self.veth, "up"])
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         """ARGV as the remote user on login2 (in its namespaces)."""
