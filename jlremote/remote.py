@@ -373,6 +373,27 @@ def proof_of(
     return lambda master: prove_serving(cfg, host, server, master.control_path)
 
 
+def on_its_login(cfg: ssh.SshConfig, host: str, server: RemoteServer) -> Callable[[Tunnel], None]:
+    """The check for a re-opened tunnel to SERVER (before it forwards): the TCP proof
+    (which includes the login node), or for a Unix socket, that the connection reached the
+    server's login node (a socket forward to another node would only fail on use)."""
+    proof = proof_of(cfg, host, server)
+    if proof is not None:
+        return proof
+
+    def same_node(master: Tunnel) -> None:
+        there, _ = hello(cfg, host, cfg.connect_timeout + 15, via=master.control_path)
+        if there != server.login:
+            raise JlremoteError(
+                f"the tunnel reached another login node of {host} than the server's "
+                f"({server.login_name})",
+                ExitCode.TUNNEL,
+                remote_code=Rc.ELSEWHERE,
+            )
+
+    return same_node
+
+
 def stop(cfg: ssh.SshConfig, host: str, server: scripts.ServerIdentity, grace: float = 10.0) -> str:
     """Stop exactly this server and remove its session directory; returns what happened:
     `stopped`, `killed` (needed SIGKILL), `gone` (already) or `foreign` (PID reused)."""

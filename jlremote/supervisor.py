@@ -193,30 +193,25 @@ def run(name: str, wait: float) -> int:
 
 
 def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
-    """A new tunnel for SESSION, on its login node: a TCP server's port is proven first
-    (remote.proof_of); a Unix socket forward to another login node would only fail on
-    use, so one request goes through it first (where the host has several login nodes)."""
+    """A new tunnel for SESSION, on its login node: before it forwards, a TCP server's
+    port is proven (remote.proof_of); for a Unix socket of a session not pinned yet, one
+    look through the new connection says which login node it reached."""
     from jlremote import session as lifecycle
 
     use = lifecycle.config_for(cfg, session)
     server, t = session.server, session.tunnel
-    new = tunnel.open_tunnel(
+    unsure = bool(server.login and server.login_addr and not server.pinned)
+    check = (remote.on_its_login if unsure else remote.proof_of)(use, session.host, server)
+    return tunnel.open_tunnel(
         use,
         session.host,
         server.session_id,
         t.local_port,
         t.target,
         logfile,
-        check=remote.proof_of(use, session.host, server),
+        check=check,
         node=t.node,
     )
-    if server.sock and server.login_addr and not server.pinned:
-        try:
-            tunnel.wait_for_api(t.local_port, server.base_url, session.token, 5.0, logfile)
-        except BaseException:
-            tunnel.close_tunnel(new)
-            raise
-    return new
 
 
 def main() -> None:
