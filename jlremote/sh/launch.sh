@@ -59,6 +59,9 @@ unset JUPYTER_TOKEN
 export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"
 printf '%s\n' "$name" >"$d/name"
 printf '%s\n' "$kind" >"$d/kind"
+# The login node first: another node scanning the shared home must never take this
+# entry for one of its own (server.pid comes later).
+printf '%s %s\n' "$(node_id)" "$(node_addr)" >"$d/login"
 { eval "$env"; } </dev/null >&2 || fail "$RC_ENV_FAILED" 'the --env snippet failed on the remote'
 cd "$(remote_path "$dir")" 2>/dev/null || fail "$RC_NO_DIR" "remote directory not found: $dir"
 command -v "$1" >/dev/null 2>&1 || fail "$RC_NOT_FOUND" "'$1' not found on the remote"
@@ -90,7 +93,6 @@ ar=$(ps -ww -o args= -p "$pid")
 printf '%s\n' "$pid" >"$d/server.pid"
 printf '%s\n' "$st" >"$d/server.start"
 printf '%s\n' "$ar" >"$d/server.args"
-printf '%s %s\n' "$(node_id)" "$(node_addr)" >"$d/login"
 report PID "$pid"
 report START "$st"
 report ARGS "$ar"

@@ -164,7 +164,8 @@ def test_rounds_on_a_name_that_lands_anywhere(
                 assert r.rc == 0, r.stderr
                 urls[name] = r.url
             rows = {x["name"]: x for x in jl("status", "--json").json()}
-            assert all(rows[n]["server"] == "running" for n in names), rows
+            seen = {n: (rows[n]["server"], rows[n]["error"], rows[n]["login_node"]) for n in names}
+            assert all(s[0] == "running" for s in seen.values()), seen
             nodes.update(rows[n]["login_node"] for n in names)
             listed = jl("status", "--remote", CLUSTER, "--json").json()
             assert sorted(x["name"] for x in listed) == sorted(names), listed

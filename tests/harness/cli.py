@@ -98,6 +98,10 @@ def kill_supervisors(state_dir: Path) -> list[int]:
             if "jlremote.supervisor" in (p.info["cmdline"] or []) and p.environ().get(
                 "JLREMOTE_STATE_DIR"
             ) == str(state_dir):
+                import time as _t
+
+                age = _t.time() - p.create_time()
+                print(f"stray supervisor {p.pid}: {p.info['cmdline']} age {age:.1f}s")
                 p.kill()
                 killed.append(p.pid)
         except psutil.Error:
