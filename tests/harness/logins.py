@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness.testbed import Testbed, _run, wait_until
+from tests.harness.testbed import Testbed, _run, veth_namespace, wait_until
 
 CLUSTER = "cluster"
 PUBLISHED = "jlr-login.cluster.test"  # the name known_hosts holds the key for
@@ -87,22 +87,9 @@ class SecondLogin:
         return login
 
     def _network(self) -> None:
-        used = _run(["ip", "-o", "addr"]).stdout
-        for _ in range(50):
-            net = f"10.213.{random.randrange(1, 254)}"
-            if f" {net}." not in used:
-                break
-        peer = f"jlrq{self.tag}"
+        net = veth_namespace(self.netns, self.veth, f"jlrq{self.tag}")
         self.address = f"{net}.2"
-        _run(["ip", "netns", "add", self.netns])
-        _run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer])
-        _run(["ip", "link", "set", peer, "netns", self.netns])
-        _run(["ip", "addr", "add", f"{net}.1/24", "dev", self.veth])
-        _run(["ip", "link", "set", self.veth, "up"])
         ns = ["ip", "netns", "exec", self.netns]
-        _run([*ns, "ip", "addr", "add", f"{net}.2/24", "dev", peer])
-        _run([*ns, "ip", "link", "set", peer, "up"])
-        _run([*ns, "ip", "link", "set", "lo", "up"])
         # This side's addresses (the Slurm test cluster's controller and node) are
         # reachable from login2 too, as a cluster's are from each login node.
         _run([*ns, "ip", "route", "add", "default", "via", f"{net}.1"])

@@ -69,6 +69,26 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def veth_namespace(netns: str, veth: str, peer: str) -> str:
+    """A network namespace NETNS joined to us by a veth pair (VETH here, PEER there) on a
+    free /24 of 10.213.x: .1 on our side, .2 on its side; returns the /24's prefix."""
+    used = _run(["ip", "-o", "addr"]).stdout
+    for _ in range(50):
+        net = f"10.213.{random.randrange(1, 254)}"
+        if f" {net}." not in used:
+            break
+    _run(["ip", "netns", "add", netns])
+    _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", peer])
+    _run(["ip", "link", "set", peer, "netns", netns])
+    _run(["ip", "addr", "add", f"{net}.1/24", "dev", veth])
+    _run(["ip", "link", "set", veth, "up"])
+    ns = ["ip", "netns", "exec", netns]
+    _run([*ns, "ip", "addr", "add", f"{net}.2/24", "dev", peer])
+    _run([*ns, "ip", "link", "set", peer, "up"])
+    _run([*ns, "ip", "link", "set", "lo", "up"])
+    return net
+
+
 @dataclass
 class Testbed:
     __test__ = False  # not a pytest test class
@@ -247,24 +267,9 @@ class Testbed:
         return top + "p" * (100 - len(top) - len(tail)) + tail
 
     def _make_namespace(self, tag: str) -> None:
-        used = _run(["ip", "-o", "addr"]).stdout
-        for _ in range(50):
-            net = f"10.213.{random.randrange(1, 254)}"
-            if f" {net}." not in used:
-                break
         self.netns = f"jlr-{tag}"
         self.veth = f"jlrh{tag}"
-        peer = f"jlrr{tag}"
-        self.remote_ip = f"{net}.2"
-        _run(["ip", "netns", "add", self.netns])
-        _run(["ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer])
-        _run(["ip", "link", "set", peer, "netns", self.netns])
-        _run(["ip", "addr", "add", f"{net}.1/24", "dev", self.veth])
-        _run(["ip", "link", "set", self.veth, "up"])
-        ns = ["ip", "netns", "exec", self.netns]
-        _run([*ns, "ip", "addr", "add", f"{net}.2/24", "dev", peer])
-        _run([*ns, "ip", "link", "set", peer, "up"])
-        _run([*ns, "ip", "link", "set", "lo", "up"])
+        self.remote_ip = veth_namespace(self.netns, self.veth, f"jlrr{tag}") + ".2"
 
     def _write_keys_and_configs(self) -> None:
         w = Path(self.workdir)
