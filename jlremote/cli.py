@@ -158,13 +158,21 @@ def _start(**given: Any) -> None:
 
     opts = options.StartOptions(host=host, **values, progress=line.step)
     result: StartResult = _guarded(run, opts)
-    if _want_browser(opts.open_browser):
+    _started(result, opts.open_browser, as_json)
+
+
+def _started(result: Any, open_browser: bool | None, as_json: bool) -> None:
+    """A started (or queued) session as the user sees it: the URL alone on stdout, or
+    for a queued job its id and state on stderr; or the JSON."""
+    if result.queued:
+        render.queued(result)
+    elif _want_browser(open_browser):
         from jlremote.browser import open_url
 
         _guarded(open_url, result.name, result.url)
     if as_json:
         render.print_json(result.to_json())
-    else:
+    elif not result.queued:
         typer.echo(result.url)
 
 
@@ -218,6 +226,57 @@ app.command("start")(_start)
 
 
 @app.command()
+def wait(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="The session (optional when there is only one).",
+            autocompletion=completion.sessions,
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            "-t",
+            help="Give up after this many seconds (exit 7; the job stays queued). "
+            "Default: wait as long as it takes.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    open_browser: Annotated[
+        bool | None,
+        typer.Option("--open/--no-open", help="Open the browser (default: as `start` does)."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")
+    ] = False,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Wait until a session's URL works (its job, queued with `start --no-wait`, runs and
+    its server answers), then print it, as `start` does. On a terminal, the live line shows
+    Slurm's reason and estimated start. Never starts a server."""
+    _setup_logging(verbose)
+    from jlremote.commands.start import wait as do_wait
+    from jlremote.progress import ProgressLine
+
+    line = ProgressLine(
+        enabled=not quiet and not log.isEnabledFor(logging.DEBUG) and sys.stderr.isatty()
+    )
+
+    def run() -> Any:
+        try:
+            return do_wait(name, timeout, line.step)
+        finally:
+            line.close()
+
+    _started(_guarded(run), open_browser, as_json)
+
+
+@app.command()
 def status(
     name: Annotated[
         str | None,
@@ -238,10 +297,12 @@ def status(
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
-    """Show each session: host, server (running/gone/unknown), tunnel
-    (up/reconnecting/failed/down), URL. `--json` adds uptime, transport, who else can
-    connect (exposure: private, host or cluster), the server's last activity and the
-    tunnel's reconnection attempts and last error."""
+    """Show each session: host, server (running, queued, starting, ended, gone or
+    unknown), tunnel (up/reconnecting/failed/down/none), URL. A queued job shows Slurm's
+    reason and estimated start; a job shows its walltime left (a warning under 10
+    minutes); a server that ended by itself says why (`ended: idle for 2h`). `--json`
+    adds uptime, transport, who else can connect (exposure: private, host or cluster),
+    the server's last activity and the tunnel's reconnection attempts and last error."""
     _setup_logging(verbose)
     if remote_host is not None:
         from jlremote.commands.status import remote_status

@@ -40,6 +40,7 @@ class Opt:
     choices: tuple[str, ...] = ()
     port: bool = False  # 1 to 65535
     positive: bool = False  # more than 0
+    duration: bool = False  # a duration with a unit: 90m, 2h, 1h30m, 45s
     # Part of what shapes a new server: a live session started with other values is
     # reused with a warning (launch_options()).
     shapes_server: bool = False
@@ -160,6 +161,28 @@ class StartOptions:
         help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
         "(each passed to sbatch as its own argument).",
     )
+    no_wait: bool = _opt(
+        False,
+        "--no-wait",
+        help="With --slurm: return as soon as the job is queued (its id and state on "
+        "stderr, no URL). `jlremote wait NAME`, or `start` again, gives the URL once it runs.",
+        profile=False,
+    )
+    notify: bool = _opt(
+        False,
+        "--notify/--no-notify",
+        help="Tell me when a queued job's server is ready: a desktop notification "
+        "(notify-send, osascript) where there is one, else a terminal bell.",
+    )
+    idle_timeout: str | None = _opt(
+        None,
+        "--idle-timeout",
+        help="End the server after this long without activity (no kernel busy, no "
+        "connection open), e.g. 90m or 2h; in a Slurm job that ends the job. A busy kernel "
+        "is never culled.",
+        duration=True,
+        shapes_server=True,
+    )
     # Told each step as it begins (a live line on a terminal); not an option.
     progress: Progress = field(default=_quiet, compare=False, repr=False)
 
@@ -212,7 +235,37 @@ def problem(name: str, value: Any) -> str | None:
         return f"{value} is not a port"
     if o.positive and value <= 0:
         return "must be more than 0 seconds"
+    if o.duration:
+        try:
+            seconds(value)
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def seconds(text: str) -> int:
+    """A duration as the user writes it (`90m`, `2h`, `1h30m`, `45s`, `1d`) in seconds."""
+    found = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if not found or not any(found.groups()):
+        raise ValueError(f"not a duration: {text!r} (give a unit: 90m, 2h, 1h30m, 45s)")
+    total = sum(int(g or 0) * mult for g, (_, mult) in zip(found.groups(), _UNITS, strict=True))
+    if total < 10:
+        raise ValueError(f"{text!r} is too short (10s at least)")
+    return total
+
+
+def spoken(total: int) -> str:
+    """SECONDS as the shortest duration text: 7200 -> `2h`, 5400 -> `1h30m`."""
+    parts = []
+    for unit, mult in _UNITS:
+        if total >= mult:
+            parts.append(f"{total // mult}{unit}")
+            total %= mult
+    return "".join(parts) or "0s"
 
 
 def check_name(name: str) -> str:
@@ -243,6 +296,10 @@ def validate(opts: StartOptions) -> StartOptions:
         raise JlremoteError("--port makes no sense with --transport socket", ExitCode.USAGE)
     if opts.sbatch and not opts.slurm:
         raise JlremoteError("--sbatch needs --slurm", ExitCode.USAGE)
+    if opts.no_wait and not opts.slurm:
+        raise JlremoteError(
+            "--no-wait needs --slurm (a server on the host starts in seconds)", ExitCode.USAGE
+        )
     if opts.slurm:
         for given, what in (
             (opts.port is not None, "--port (the job picks a free port on its node)"),
@@ -252,7 +309,8 @@ def validate(opts: StartOptions) -> StartOptions:
             if given:
                 raise JlremoteError(f"--slurm does not go with {what}", ExitCode.USAGE)
         slurm.parse_sbatch_options(opts.sbatch)  # refuse bad options before connecting
-    return replace(opts, name=name, timeout=opts.wait, transport=transport)
+    idle = spoken(seconds(opts.idle_timeout)) if opts.idle_timeout else None
+    return replace(opts, name=name, timeout=opts.wait, transport=transport, idle_timeout=idle)
 
 
 def launch_options(opts: StartOptions) -> str:

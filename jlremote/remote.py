@@ -40,6 +40,7 @@ OUTCOMES: dict[int, tuple[ExitCode, str]] = {
     Rc.NO_SOCKET: (ExitCode.SERVER, ""),
     Rc.SLURM_SILENT: (ExitCode.ERROR, ""),
     Rc.ELSEWHERE: (ExitCode.CONNECT, ""),
+    Rc.NO_PYTHON: (ExitCode.REMOTE_ENV, "--idle-timeout needs python3 there, or leave it out"),
     Rc.NOT_FOUND: (ExitCode.REMOTE_ENV, _ON_PATH),
 }
 
@@ -307,16 +308,28 @@ def identity(server: RemoteServer) -> scripts.ServerIdentity:
     )
 
 
+@dataclass(frozen=True)
+class Probed:
+    """What one probe found: each server's state by session id (`running`, `queued`,
+    `gone`, `foreign`, `elsewhere`; no entry: Slurm could not tell), what Slurm says about
+    the jobs of job servers, and why servers that ended by themselves did."""
+
+    states: dict[str, str]
+    jobs: dict[str, slurm.JobState]
+    ended: dict[str, str]
+
+
 def probe_jobs(
     cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float, via: str = ""
-) -> tuple[dict[str, str], dict[str, slurm.JobState]]:
-    """One ssh call: for each server's session id, `running`, `gone` or `foreign` (no
-    entry: Slurm could not tell), and what Slurm says about the jobs of job servers."""
+) -> Probed:
+    """One ssh call about SERVERS (see Probed)."""
     script = scripts.probe([identity(s) for s in servers])
     reply = ask(cfg, host, script, timeout, f"checking {host}", ExitCode.CONNECT, via=via)
-    states = dict(_pair(line) for line in reply.head.all("PROBE"))
-    jobs = {sid: slurm.parse_job_state(line) for sid, line in map(_pair, reply.head.all("JOB"))}
-    return states, jobs
+    return Probed(
+        states=dict(_pair(line) for line in reply.head.all("PROBE")),
+        jobs={sid: slurm.parse_job_state(js) for sid, js in map(_pair, reply.head.all("JOB"))},
+        ended=dict(_pair(line) for line in reply.head.all("ENDED")),
+    )
 
 
 def _pair(line: str) -> tuple[str, str]:
@@ -328,7 +341,7 @@ def probe(
     cfg: ssh.SshConfig, host: str, servers: list[RemoteServer], timeout: float
 ) -> dict[str, str]:
     """probe_jobs() without the jobs."""
-    return probe_jobs(cfg, host, servers, timeout)[0]
+    return probe_jobs(cfg, host, servers, timeout).states
 
 
 def needs_proof(server: RemoteServer) -> bool:
@@ -343,7 +356,7 @@ def prove_serving(cfg: ssh.SshConfig, host: str, server: RemoteServer, path: str
     whose own process the server is, must still run with our comment). Otherwise another
     user may be listening there: raise (ExitCode.SERVER), so nothing is forwarded to it."""
     try:
-        states, _ = probe_jobs(cfg, host, [server], cfg.connect_timeout + 15, via=path)
+        states = probe_jobs(cfg, host, [server], cfg.connect_timeout + 15, via=path).states
     except JlremoteError as exc:
         if not exc.remote_code:  # ssh's own failure: as it is
             raise

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from jlremote.results import DoctorResult, RemoteRow, StatusRow
+from jlremote.results import DoctorResult, RemoteRow, StartResult, StatusRow
 from jlremote.terminal import clean
 
 
@@ -48,6 +48,33 @@ def ago(iso: str | None) -> str:
     return duration(max(0.0, (datetime.now(timezone.utc) - then).total_seconds())) + " ago"
 
 
+def queued(result: StartResult) -> None:
+    """A job queued by `start --no-wait`: its id and state, and what to do next (stderr)."""
+    notes = [
+        n
+        for n in (
+            result.job_reason,
+            result.start_estimate and f"estimated start {result.start_estimate}",
+        )
+        if n
+    ]
+    state = (result.job_state or "PENDING").lower() if result.job_state != "PENDING" else "queued"
+    typer.echo(
+        f"jlremote: job {result.job_id} {state}"
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + f"; `jlremote wait {result.name}` prints the URL once it runs",
+        err=True,
+    )
+
+
+def _server(r: StatusRow) -> str:
+    if r.server == "ended" and r.ended:
+        return f"ended: {r.ended}"
+    if r.server == "queued" and r.job_reason:
+        return f"queued ({r.job_reason})"
+    return r.server
+
+
 def status(rows: list[StatusRow]) -> None:
     if not rows:
         if sys.stderr.isatty():
@@ -65,21 +92,38 @@ def status(rows: list[StatusRow]) -> None:
             (r.name, r.host)
             + ((r.login_node or "-",) if logins else ())
             + (
-                r.server,
+                _server(r),
                 r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
                 duration(r.uptime_s),
                 ago(r.last_activity),
             )
             + (
-                (r.job_id or "-", r.node or "-", r.job_state or "-", r.time_left or "-")
+                (
+                    r.job_id or "-",
+                    r.node or "-",
+                    r.job_state or "-",
+                    (r.time_left + ("!" if r.ending_soon else "")) or "-",
+                )
                 if jobs
                 else ()
             )
-            + (r.url,)
+            + (r.url or "-",)
             for r in rows
         ],
     )
     for r in rows:
+        if r.start_estimate:
+            typer.echo(
+                f"jlremote: {r.name}: job {r.job_id} may start at {r.start_estimate} "
+                "(Slurm's estimate)",
+                err=True,
+            )
+        if r.ending_soon:
+            typer.echo(
+                f"jlremote: {r.name}: job {r.job_id} reaches its time limit in {r.time_left}; "
+                "save your work (the server then shuts down)",
+                err=True,
+            )
         if r.error:
             typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
         if r.tunnel_error and r.tunnel != "up":

@@ -24,6 +24,12 @@ class StartResult:
     attached: bool = False  # found running on the remote (started from another client)
     job_id: str = ""  # --slurm: the batch job that runs the server
     node: str = ""  # --slurm: the compute node it runs on
+    # --no-wait: the job is queued (no URL yet): Slurm's state, reason and estimated start.
+    queued: bool = False
+    job_state: str = ""
+    job_reason: str = ""
+    start_estimate: str = ""
+    idle_timeout: str = ""  # --idle-timeout, as a duration (`2h`), "" for none
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,8 +42,10 @@ class StatusRow:
     name: str
     host: str
     url: str
-    server: str  # running | gone | unknown
-    tunnel: str  # up | reconnecting | failed | down
+    # running | queued (its job waits) | starting (its job runs, the server is coming up)
+    # | ended (by itself: `ended` says why) | gone | unknown
+    server: str
+    tunnel: str  # up | reconnecting | failed | down | none (no server yet)
     local_port: int
     remote_port: int
     server_pid: int
@@ -52,6 +60,11 @@ class StatusRow:
     node: str = ""
     job_state: str = ""  # e.g. RUNNING, CANCELLED; "" when not known or not a job
     time_left: str = ""  # squeue's %L, e.g. 3:59:58 or UNLIMITED
+    ending_soon: bool = False  # under 10 minutes of walltime left
+    job_reason: str = ""  # why a queued job waits (Resources, Priority, ...)
+    start_estimate: str = ""  # Slurm's estimated start of a queued job, if it has one
+    ended: str = ""  # why the server ended by itself: `idle for 2h`, the job's time limit
+    idle_timeout: str = ""
     # The login node the server runs on (its host name), and whether HOST's name leads to
     # several, so that every connection for the session goes to that one (pinned).
     login_node: str = ""

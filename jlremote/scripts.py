@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from jlremote.slurm import with_warning_signal
+
 SH_DIR = Path(__file__).resolve().parent / "sh"
 _SESSION_ID = re.compile(r"[0-9a-f]{8,64}")
 _JOB_ID = re.compile(r"[0-9]+")
@@ -48,6 +50,7 @@ class Rc(IntEnum):
     NO_SOCKET = 91
     SLURM_SILENT = 92
     ELSEWHERE = 93
+    NO_PYTHON = 94
     NOT_FOUND = 127
 
 
@@ -131,10 +134,28 @@ class LaunchSpec:
     name: str = ""
     # Only attach to a running server of this name; never start one.
     attach_only: bool = False
+    # --idle-timeout in seconds (0: none), and as the user said it (`2h`).
+    idle_seconds: int = 0
+    idle_label: str = ""
+    # A job queued with --no-wait waits for its client as long as it lasts (or, with
+    # --idle-timeout, that long); otherwise for ROUTE_WAIT seconds.
+    no_wait: bool = False
 
     @property
     def subcommand(self) -> str:
         return "notebook" if self.notebook else "lab"
+
+
+# How long a job waits for its client to say how the node is reached, when the client
+# waits for the job (start --slurm without --no-wait).
+ROUTE_WAIT = 120
+
+
+def _idle(spec: LaunchSpec) -> tuple[str, str]:
+    """The `SECONDS LABEL` of --idle-timeout and the watcher's text ("", "" without)."""
+    if not spec.idle_seconds:
+        return "", ""
+    return f"{spec.idle_seconds:d} {spec.idle_label}", source("idle.py")
 
 
 def server_argv(spec: LaunchSpec) -> list[str]:
@@ -172,6 +193,7 @@ def launch(spec: LaunchSpec) -> Script:
             spec.transport,
             spec.env or "",
             spec.directory or "",
+            *_idle(spec),
             *jupyter_argv(spec),
         ),
     )
@@ -265,7 +287,8 @@ def job_text() -> str:
 
 def submit(spec: LaunchSpec, sbatch: tuple[str, ...]) -> Script:
     """Make the session directory, store the token (stdin) and submit the job with the
-    user's sbatch options (each its own word)."""
+    user's sbatch options (each its own word), and our --signal for a clean end before
+    the time limit unless they set one."""
     argv = server_argv(spec)
     if any("\n" in word for word in argv):
         raise ValueError("a newline in the server's argv")
@@ -279,7 +302,9 @@ def submit(spec: LaunchSpec, sbatch: tuple[str, ...]) -> Script:
             spec.env or "",
             spec.directory or "",
             "\n".join(argv),
-            *sbatch,
+            "0" if spec.no_wait else str(ROUTE_WAIT),
+            *_idle(spec),
+            *with_warning_signal(sbatch),
         ),
     )
 

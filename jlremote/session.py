@@ -93,7 +93,9 @@ def pin(store: StateStore | None, session: Session) -> Session:
 
 def tunnel_state(session: Session) -> str:
     """`up` (its ssh runs), `reconnecting` (its supervisor is re-opening it), `failed`
-    (the supervisor gave up) or `down`."""
+    (the supervisor gave up), `down`, or `none` (a queued job: no server yet)."""
+    if session.phase != "running":
+        return "none"
     if tunnel.is_up(session.tunnel):
         return "up"
     if supervisor.of(session).alive():

@@ -33,6 +33,8 @@ ACTIVE_STATES = (
     "SIGNALING",
     "STAGE_OUT",
 )
+# Job states of a job waiting to run (probe.sh's `queued`).
+QUEUED_STATES = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
 # Options jlremote sets itself: the user's --sbatch must not change them.
 _OWN_OPTIONS = ("--wrap", "--parsable", "--comment", "--output", "-o", "--error", "-e")
 
@@ -122,31 +124,81 @@ _FLAGS = frozenset(
 _SHORT_FLAGS = frozenset({"-H", "-I", "-k", "-O", "-Q", "-s", "-v", "-W", "-h", "-V"})
 
 
+# Under this much walltime left, `status` warns (and the job's server is told to shut
+# down cleanly WARN_SIGNAL_LEAD seconds before the end: sbatch --signal).
+ENDING_SOON = 600
+WARN_SIGNAL_LEAD = 60
+WARN_SIGNAL = f"--signal=B:USR1@{WARN_SIGNAL_LEAD}"
+
+
 @dataclass(frozen=True)
 class JobState:
-    """One line of squeue about our job; `state` is "" once Slurm has forgotten it."""
+    """One line of squeue about our job; `state` is "" once Slurm has forgotten it.
+    `start` is Slurm's estimated start time of a pending job (its local time, ISO), ""
+    when it has none."""
 
     state: str = ""
     reason: str = ""
     node: str = ""
     time_left: str = ""
     comment: str = ""
+    start: str = ""
 
     @property
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
+    @property
+    def queued(self) -> bool:
+        """Waiting to run (pending, or requeued, held, configuring its nodes)."""
+        return self.state in QUEUED_STATES
+
+    @property
+    def seconds_left(self) -> int | None:
+        """The walltime left (squeue's %L: `M:SS`, `H:MM:SS`, `D-HH:MM:SS`) in seconds;
+        None when unlimited or unknown."""
+        days, _, clock = self.time_left.rpartition("-")
+        parts = clock.split(":")
+        if not all(p.isdigit() for p in parts) or not 2 <= len(parts) <= 3:
+            return None
+        if days and not days.isdigit():
+            return None
+        total = 0
+        for p in parts:
+            total = total * 60 + int(p)
+        return total + int(days or 0) * 86400
+
+    @property
+    def ending_soon(self) -> bool:
+        left = self.seconds_left
+        return self.state == "RUNNING" and left is not None and left < ENDING_SOON
+
+    def describe(self) -> str:
+        """`PENDING (Resources; estimated start 2026-12-02T14:05:00)`, as said to users."""
+        notes = [n for n in (self.reason, self.start and f"estimated start {self.start}") if n]
+        return (self.state or "FORGOTTEN") + (f" ({'; '.join(notes)})" if notes else "")
+
 
 def parse_job_state(line: str) -> JobState:
-    """`RUNNING|None|node1|3:59:58|jlremote:abc` as a JobState (blank: forgotten)."""
+    """`PENDING|Resources|(null)|1:00:00|2026-12-02T14:05:00|jlremote:abc` as a JobState
+    (blank: forgotten)."""
     parts = line.strip().split("|")
-    if len(parts) < 5 or not parts[0]:
+    if len(parts) < 6 or not parts[0]:
         return JobState()
-    state, reason, node, left, note = parts[:5]
+    state, reason, node, left, start, note = parts[:6]
     return JobState(
         state=state.split()[0],
         reason="" if reason in ("None", "(null)") else reason,
-        node=node,
+        node="" if node == "(null)" else node,
         time_left=left,
         comment="" if note == "(null)" else note,
+        start=start if start[:1].isdigit() else "",
     )
+
+
+def with_warning_signal(words: tuple[str, ...]) -> tuple[str, ...]:
+    """The user's sbatch words, plus our --signal (the server's clean shutdown before the
+    time limit) unless they ask for a signal of their own."""
+    if any(w == "--signal" or w.startswith("--signal=") for w in words):
+        return words
+    return (*words, WARN_SIGNAL)

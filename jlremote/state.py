@@ -26,8 +26,8 @@ from jlremote.ssh import Target
 log = logging.getLogger(__name__)
 
 # 2: Slurm fields (job_id, node, address, remote_host); 3: tunnel.node; 4: server.login,
-# login_addr, pinned
-SCHEMA_VERSION = 4
+# login_addr, pinned; 5: phase, ended, notify, tty (a job queued with --no-wait)
+SCHEMA_VERSION = 5
 STATE_FILE = "sessions.json"
 
 
@@ -103,10 +103,34 @@ class Session:
     supervisor_created: float | None = None
     # What `start` was asked for (a canonical string), to notice a different ask later.
     launch_options: str = ""
+    # `running` (the URL answered), `queued` (a job submitted with --no-wait: no server
+    # and no tunnel yet; its supervisor finishes the start once the job runs) or `ended`
+    # (the job ended before its server was up: ENDED says why).
+    phase: str = "running"
+    ended: str = ""
+    # --notify: tell the user when the queued job's server is ready; TTY is the terminal
+    # it was queued from (for the bell, where there is no desktop notification).
+    notify: bool = False
+    tty: str = ""
+
+    @property
+    def queued(self) -> bool:
+        return self.phase == "queued"
+
+    @property
+    def idle_timeout(self) -> str:
+        """--idle-timeout as the session was started with it (`2h`; "" for none)."""
+        try:
+            shaped = json.loads(self.launch_options or "{}")
+        except ValueError:
+            return ""
+        return str(shaped.get("idle_timeout") or "") if isinstance(shaped, dict) else ""
 
     @property
     def url(self) -> str:
-        """The browser URL, token included."""
+        """The browser URL, token included ("" while there is no server yet)."""
+        if self.phase != "running":
+            return ""
         page = "tree" if self.server.notebook else "lab"
         base = (
             self.server.base_url
@@ -130,6 +154,10 @@ class Session:
             supervisor_pid=data.get("supervisor_pid"),
             supervisor_created=data.get("supervisor_created"),
             launch_options=str(data.get("launch_options", "")),
+            phase=str(data.get("phase", "running")),
+            ended=str(data.get("ended", "")),
+            notify=bool(data.get("notify", False)),
+            tty=str(data.get("tty", "")),
         )
 
 

@@ -42,10 +42,11 @@ MODULE = "jlremote.supervisor"
 class SupervisorStatus:
     """What the supervisor last reported."""
 
-    state: str  # up | reconnecting | failed
+    state: str  # up | reconnecting | failed | queued (waiting for a --no-wait job)
     attempts: int = 0
     last_error: str | None = None
     since: float = 0.0
+    detail: str = ""  # while queued: what the job is doing, as the progress line says it
 
 
 def status_path(name: str) -> Path:
@@ -59,6 +60,29 @@ def read_status(name: str) -> SupervisorStatus | None:
         return SupervisorStatus(**data)
     except (OSError, ValueError, TypeError):
         return None
+
+
+# Someone waits in `start`/`wait` for a queued job while this file is this fresh: the
+# supervisor asks Slurm more often, and leaves --notify to the one who waits.
+WAITER_FRESH = 2.0
+
+
+def _waiter_path(name: str) -> Path:
+    return state_dir() / "supervisors" / f"{name}.waiting"
+
+
+def someone_waits(name: str) -> None:
+    """Say that a command waits, at a terminal or in a script, for NAME's queued job."""
+    path = _waiter_path(name)
+    ensure_private_dir(path.parent)
+    path.touch()
+
+
+def waited_for(name: str) -> bool:
+    try:
+        return time.time() - _waiter_path(name).stat().st_mtime < WAITER_FRESH
+    except OSError:
+        return False
 
 
 def _write_status(name: str, st: SupervisorStatus) -> None:
@@ -137,6 +161,11 @@ def run(name: str, wait: float) -> int:
     session_id = first.server.session_id
     cfg = ssh.SshConfig.from_environment()
     logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
+    try:
+        if first.queued and not _await_job(store, cfg, first):
+            return 0
+    except _Stop:
+        return 0
     st = SupervisorStatus("up", since=time.time())
     _write_status(name, st)
     delay = BACKOFF_FIRST
@@ -190,6 +219,56 @@ def run(name: str, wait: float) -> int:
             # starting when told to stop (no record names it yet).
             tunnel.close_tunnel(Tunnel(0, 0, control_path=tunnel.master_path(session_id)))
         return 0
+
+
+QUEUE_BACKOFF_CAP = 60.0
+
+
+def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
+    """A job queued with --no-wait: wait for it, finish its start once it runs, tell the
+    user (--notify). True once the session runs (the tunnel is then kept up as usual);
+    False if it was stopped, or its job ended first (recorded, with Slurm's reason)."""
+    from jlremote.commands import start as starter
+
+    name = session.name
+    me = owned(name, os.getpid(), proc.owned(os.getpid()).created)
+    since = time.time()
+    delay = BACKOFF_FIRST * 5
+
+    def report(text: str) -> None:
+        _write_status(name, SupervisorStatus("queued", since=since, detail=text))
+
+    report(f"job {session.server.job_id} queued")
+    while True:
+        current = store.read().get(name)
+        if current is None or not _mine(current) or not current.queued:
+            return current is not None and _mine(current) and current.phase == "running"
+        try:
+            done = starter.complete(cfg, store, current, me, report, lambda: waited_for(name))
+        except JlremoteError as exc:
+            ended = starter.job_ended(cfg, current)
+            if ended:
+                log.info("job %s ended while queued: %s", current.server.job_id, ended)
+                with store.transaction() as sessions:
+                    now = sessions.get(name)
+                    if now is not None and _mine(now) and now.queued:
+                        sessions[name] = replace(now, phase="ended", ended=ended)
+                _write_status(name, SupervisorStatus("failed", 0, ended, time.time()))
+                return False
+            log.info("job %s: %s; trying again", current.server.job_id, exc.message)
+            report(f"job {current.server.job_id}: {exc.message}; trying again")
+            time.sleep(delay)
+            delay = min(QUEUE_BACKOFF_CAP, delay * 2)
+            continue
+        log.info(
+            "job %s runs: session %s is up on port %d",
+            done.server.job_id,
+            name,
+            done.tunnel.local_port,
+        )
+        if done.notify and not waited_for(name):
+            starter.tell_ready(done, done.tty)
+        return True
 
 
 def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +23,7 @@ from pathlib import Path
 from jlremote import remote, scripts, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
-from jlremote.options import StartOptions, Transport, launch_options, validate
+from jlremote.options import StartOptions, Transport, launch_options, seconds, validate
 from jlremote.paths import state_dir
 from jlremote.proc import Owned
 from jlremote.results import StartResult
@@ -37,7 +39,8 @@ SQUEUE_INTERVAL = 1.0
 
 
 def start(opts: StartOptions) -> StartResult:
-    """Give the user a working URL for OPTS.host, starting as little as possible."""
+    """Give the user a working URL for OPTS.host, starting as little as possible (with
+    --no-wait, a queued job instead)."""
     opts = validate(opts)
     name, host = str(opts.name), opts.host
     cfg = ssh.SshConfig.from_environment(connect_timeout=int(min(10.0, max(1.0, opts.wait))))
@@ -51,16 +54,35 @@ def start(opts: StartOptions) -> StartResult:
                     f"stop it or choose another --name",
                     ExitCode.USAGE,
                 )
-            if existing.launch_options and existing.launch_options != launch_options(opts):
-                log.warning(
-                    "session %r is already running with other options; reusing it as it is "
-                    "(stop it first to start it with the new ones)",
-                    name,
-                )
-            reused = _reuse(cfg, store, existing, opts)
-            if reused is not None:
-                return reused
-        return _fresh(cfg, store, opts)
+            if existing.phase == "ended":
+                _forget_gone(cfg, store, existing)
+            elif existing.queued:
+                _other_options(existing, opts)
+                if opts.no_wait:
+                    return _queued_result(existing, _look(cfg, existing))
+            else:
+                reused = _reuse(cfg, store, existing, opts)
+                if reused is not None:
+                    _other_options(existing, opts)
+                    return reused
+        if existing is None or not existing.queued:
+            if opts.no_wait:
+                return _queue(cfg, store, opts)
+            return _fresh(cfg, store, opts)
+    # Its job is queued: wait for it without the lock (`stop` may cancel it meanwhile),
+    # then reuse the session as any running one.
+    await_queued(store, name, opts.wait, opts.progress)
+    return start(opts)
+
+
+def _other_options(existing: Session, opts: StartOptions) -> None:
+    if existing.launch_options and existing.launch_options != launch_options(opts):
+        log.warning(
+            "session %r is already %s with other options; reusing it as it is "
+            "(stop it first to start it with the new ones)",
+            existing.name,
+            "queued" if existing.queued else "running",
+        )
 
 
 def _result(session: Session, reused: bool, reopened: bool, attached: bool = False) -> StartResult:
@@ -79,7 +101,43 @@ def _result(session: Session, reused: bool, reopened: bool, attached: bool = Fal
         attached=attached,
         job_id=session.server.job_id,
         node=session.server.node,
+        idle_timeout=session.idle_timeout,
     )
+
+
+def _queued_result(session: Session, job: slurm.JobState) -> StartResult:
+    """What `start --no-wait` says of a queued job: its id and state, no URL."""
+    return StartResult(
+        name=session.name,
+        host=session.host,
+        url="",
+        local_port=session.tunnel.local_port,
+        remote_port=0,
+        server_pid=0,
+        session_dir=session.server.session_dir,
+        jupyter_server_version="",
+        reused=False,
+        tunnel_reopened=False,
+        transport="",
+        job_id=session.server.job_id,
+        queued=True,
+        job_state=job.state,
+        job_reason=job.reason,
+        start_estimate=job.start,
+        idle_timeout=session.idle_timeout,
+    )
+
+
+def _look(cfg: ssh.SshConfig, session: Session) -> slurm.JobState:
+    """What Slurm says of SESSION's job now (PENDING when it cannot tell)."""
+    try:
+        looked = remote.poll_job(
+            cfg, session.host, session.server.session_id, session.server.job_id
+        )
+    except JlremoteError as exc:
+        log.info("could not ask about job %s: %s", session.server.job_id, exc.message)
+        return slurm.JobState("PENDING")
+    return looked.job or slurm.JobState("PENDING")
 
 
 # ---- a live session ---------------------------------------------------------------------
@@ -228,6 +286,8 @@ class _Tx:
     # host's name leads to several login nodes (then cfg is pinned to the server's).
     master_login: str = ""
     pinned: bool = False
+    queued_seen: bool = False  # the job had to wait in the queue (--notify tells)
+    cancelled: bool = False  # the job was cancelled already (no undo needed)
 
     def pin_to(self, addr: str) -> None:
         """From now on, every connection goes to the login node at ADDR (a new tunnel
@@ -264,6 +324,9 @@ class _Tx:
             transport=transport,
             name=self.name,
             attach_only=o.attach,
+            idle_seconds=seconds(o.idle_timeout) if o.idle_timeout else 0,
+            idle_label=o.idle_timeout or "",
+            no_wait=o.no_wait,
         )
 
     def own_master(self, master: Tunnel) -> None:
@@ -341,34 +404,56 @@ def _transaction(
         opts.progress(f"connecting to {tx.host}")
         remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
         server = backend(tx)
-        assert tx.master is not None and tx.sup is not None
-        local_port = opts.local_port or tunnel.pick_free_port()
-        opts.progress(
-            f"forwarding 127.0.0.1:{local_port} to "
-            + ("a private socket" if server.sock else f"port {server.port}")
-            + (f" on {server.node}" if server.node else "")
-        )
-        tx.own_master(tunnel.add_forward(tx.cfg, tx.host, tx.master, local_port, server.target))
-        session = Session(
-            name=tx.name,
-            host=tx.host,
-            token=tx.token,
-            server=server,
-            tunnel=tx.master,
-            launch_options=launch_options(opts),
-            supervisor_pid=tx.sup.pid,
-            supervisor_created=tx.sup.created,
-        )
-        if tx.pinned:
-            session = replace(session, server=replace(server, pinned=True))
-        opts.progress("verifying the URL")
-        tunnel.wait_for_api(
-            local_port, server.base_url, tx.token, timeout=_verify_time(opts), log_path=tx.logfile
-        )
-        with store.transaction() as sessions:
-            sessions[session.name] = session
-        undo.pop_all()
+        session = _finish(tx, server)
+    if tx.queued_seen and opts.notify:
+        tell_ready(session, _own_tty())
     return _result(session, reused=False, reopened=False, attached=tx.attached)
+
+
+def _finish(tx: _Tx, server: RemoteServer, queued: Session | None = None) -> Session:
+    """Forward to SERVER, verify the URL, record the session (in place of the QUEUED
+    record it completes, if that is still there) and keep everything acquired."""
+    assert tx.master is not None and tx.sup is not None
+    opts = tx.opts
+    local_port = opts.local_port or tunnel.pick_free_port()
+    opts.progress(
+        f"forwarding 127.0.0.1:{local_port} to "
+        + ("a private socket" if server.sock else f"port {server.port}")
+        + (f" on {server.node}" if server.node else "")
+    )
+    tx.own_master(tunnel.add_forward(tx.cfg, tx.host, tx.master, local_port, server.target))
+    session = Session(
+        name=tx.name,
+        host=tx.host,
+        token=tx.token,
+        server=server,
+        tunnel=tx.master,
+        launch_options=launch_options(opts),
+        supervisor_pid=tx.sup.pid,
+        supervisor_created=tx.sup.created,
+        notify=opts.notify,
+    )
+    if tx.pinned:
+        session = replace(session, server=replace(server, pinned=True))
+    opts.progress("verifying the URL")
+    tunnel.wait_for_api(
+        local_port, server.base_url, tx.token, timeout=_verify_time(opts), log_path=tx.logfile
+    )
+    with tx.store.transaction() as sessions:
+        if queued is not None:
+            current = sessions.get(tx.name)
+            if current is None or current.server.session_id != tx.session_id:
+                raise JlremoteError(f"session {tx.name!r} was stopped", ExitCode.NO_SESSION)
+            session = replace(
+                session,
+                created=current.created,
+                launch_options=current.launch_options,
+                tty=current.tty,
+                notify=current.notify,
+            )
+        sessions[session.name] = session
+    tx.undo.pop_all()
+    return session
 
 
 def _verify_time(opts: StartOptions) -> float:
@@ -442,45 +527,62 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
 
 def _launch_slurm(tx: _Tx) -> RemoteServer:
     """Run the server in a batch job submitted on the login host, wait for it (queue and
-    start-up both count against --timeout), and reach its node: through the login host to
-    a private socket on the node when our ssh gets there, else to the node's address."""
+    start-up both count against --timeout; then it is cancelled), and reach its node."""
+    job_id, session_dir = _submit(tx)
+    # While the job waits in the queue: the tunnel's own connection to the login host.
+    tx.connect_and_supervise()
+    return _await_job(tx, job_id, session_dir, deadline=time.monotonic() + tx.opts.wait)
+
+
+def _submit(tx: _Tx) -> tuple[str, str]:
+    """Submit the session's job (cancelled on undo); its id and session directory."""
     opts, cfg, host = tx.opts, tx.cfg, tx.host
-    deadline = time.monotonic() + opts.wait
-    spec = tx.spec("tcp")
     opts.progress("submitting the job")
+    spec = tx.spec("tcp")
     job_id, session_dir = remote.submit(
         cfg, host, spec, slurm.parse_sbatch_options(opts.sbatch), tx.token
     )
     log.info("submitted job %s on %s", job_id, host)
-    cancelled = False
+    tx.own_remote(lambda: tx.cancelled or remote.cancel_job(cfg, host, spec.session_id, job_id))
+    return job_id, session_dir
 
-    def cancel() -> None:
-        if not cancelled:
-            remote.cancel_job(cfg, host, spec.session_id, job_id)
 
-    tx.own_remote(cancel)
-    # While the job waits in the queue: the tunnel's own connection to the login host.
-    tx.connect_and_supervise()
+def _await_job(
+    tx: _Tx,
+    job_id: str,
+    session_dir: str,
+    deadline: float | None,
+    squeue_every: Callable[[], float] = lambda: SQUEUE_INTERVAL,
+    patient: bool = False,
+) -> RemoteServer:
+    """Wait for the job's server (until DEADLINE, then cancel the job; None: for as long
+    as the job waits), reaching its node once it runs there: through the login host to a
+    private socket on the node when our ssh gets there, else to the node's address.
+    Slurm is asked every SQUEUE_EVERY() seconds; the server's file is looked for at every
+    tick (PATIENT: only once Slurm says the job runs: a job queued for hours costs one
+    ssh command per Slurm answer)."""
+    opts, cfg, host, sid = tx.opts, tx.cfg, tx.host, tx.session_id
     pool = ThreadPoolExecutor(max_workers=1)
     tx.undo.callback(pool.shutdown, wait=False)
     attempt: Future[Tunnel | None] | None = None
     state = slurm.JobState("PENDING")
-    ask_at = 0.0
+    asked = -1e9
     routed = False
     while True:
-        # squeue at most every SQUEUE_INTERVAL (Slurm's controller is shared); the runtime
+        # squeue at most every squeue_every() (Slurm's controller is shared); the runtime
         # file, which says the server is up, at every tick.
-        ask = time.monotonic() >= ask_at
-        looked = remote.poll_job(cfg, host, spec.session_id, job_id, ask_slurm=ask)
+        ask = time.monotonic() >= asked + squeue_every()
+        looked = remote.poll_job(cfg, host, sid, job_id, ask_slurm=ask)
         if looked.job is not None:
             state = looked.job
-            ask_at = time.monotonic() + SQUEUE_INTERVAL
+            asked = time.monotonic()
+            tx.queued_seen = tx.queued_seen or (state.queued and bool(state.reason))
         if looked.info is not None:
             break
         node = looked.node or (state.node if state.state == "RUNNING" else "")
         if node and attempt is None:
             # Try the node while the job script starts (it waits for the answer).
-            attempt = pool.submit(_try_node, cfg, host, spec.session_id, node, tx.logfile)
+            attempt = pool.submit(_try_node, cfg, host, sid, node, tx.logfile)
             tx.undo.callback(_close_untaken, attempt, tx)
         if looked.node and not routed and attempt is not None and state.active:
             # The job runs, and waits to be told how its node is reached.
@@ -491,23 +593,19 @@ def _launch_slurm(tx: _Tx) -> RemoteServer:
         if not state.active or looked.failed:
             raise remote.job_failure(job_id, replace(looked, job=state))
         opts.progress(_job_progress(job_id, state))
-        if time.monotonic() >= deadline:
-            last = remote.cancel_job(cfg, host, spec.session_id, job_id)
-            cancelled = True
-            if state.state == "PENDING":
-                why = f" (reason: {state.reason})" if state.reason else ""
-                msg = f"the job was still pending after {opts.wait:g}s{why}; cancelled it"
-            else:
-                msg = (
-                    f"the server in the job did not start within {opts.wait:g}s "
-                    f"(job {state.state.lower()} on {state.node or '?'}); cancelled it"
-                )
-            raise JlremoteError(msg, ExitCode.SERVER, detail=last.log_tail)
-        time.sleep(JOB_POLL_INTERVAL)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _timed_out(tx, job_id, state)
+        if patient and state.queued:
+            # Nothing changes between Slurm's answers (the interval may shorten meanwhile:
+            # someone started waiting).
+            while time.monotonic() < asked + squeue_every():
+                time.sleep(WAIT_TICK)
+        else:
+            time.sleep(JOB_POLL_INTERVAL)
     info = looked.info
     sock = str(info.get("sock") or "")
     return RemoteServer(
-        session_id=spec.session_id,
+        session_id=sid,
         pid=int(str(info.get("pid", 0))),
         started="",
         cmdline="",
@@ -521,6 +619,25 @@ def _launch_slurm(tx: _Tx) -> RemoteServer:
         node=looked.node or state.node,
         address="" if sock else looked.address or str(info.get("hostname") or ""),
     )
+
+
+def _timed_out(tx: _Tx, job_id: str, state: slurm.JobState) -> JlremoteError:
+    """--timeout ran out: the job is cancelled (start waited for it, so nobody else will)."""
+    last = remote.cancel_job(tx.cfg, tx.host, tx.session_id, job_id)
+    tx.cancelled = True
+    wait = tx.opts.wait
+    if state.queued:
+        why = f" (reason: {state.reason})" if state.reason else ""
+        msg = (
+            f"the job was still pending after {wait:g}s{why}; cancelled it "
+            "(--no-wait leaves a job queued)"
+        )
+    else:
+        msg = (
+            f"the server in the job did not start within {wait:g}s "
+            f"(job {state.state.lower()} on {state.node or '?'}); cancelled it"
+        )
+    return JlremoteError(msg, ExitCode.SERVER, detail=last.log_tail)
 
 
 def _try_node(
@@ -555,8 +672,204 @@ def _route_to_node(tx: _Tx, node_master: Tunnel | None) -> None:
 
 
 def _job_progress(job_id: str, job: slurm.JobState) -> str:
-    if job.state == "PENDING":
-        return f"job {job_id} queued" + (f" ({job.reason})" if job.reason else "")
+    if job.queued:
+        notes = [n for n in (job.reason, job.start and f"estimated start {job.start}") if n]
+        return f"job {job_id} queued" + (f" ({'; '.join(notes)})" if notes else "")
     if job.state == "RUNNING":
         return f"job {job_id} running on {job.node}; waiting for the server"
     return f"job {job_id} {job.state.lower() or 'submitted'}"
+
+
+# ---- a job queued with --no-wait -----------------------------------------------------------
+#
+# `start --no-wait` submits the job and records the session as `queued`: no server, no
+# tunnel yet. Its supervisor waits for the job (asking Slurm every QUEUE_POLL seconds, or
+# every SQUEUE_INTERVAL while someone waits in `start`/`wait`), finishes the start once it
+# runs (complete()) and tells the user with --notify; `start` and `wait` wait for that.
+
+QUEUE_POLL = 10.0
+WAIT_TICK = 0.25
+
+
+def _queue(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartResult:
+    """Submit the job, record the session as queued, give it its supervisor."""
+    with contextlib.ExitStack() as undo:
+        tx = _Tx(cfg, store, opts, undo)
+        undo.callback(lambda: lifecycle.release_if_unused(cfg, store, tx.host))
+        opts.progress(f"connecting to {tx.host}")
+        remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
+        job_id, session_dir = _submit(tx)
+        session = Session(
+            name=tx.name,
+            host=tx.host,
+            token=tx.token,
+            server=RemoteServer(
+                session_id=tx.session_id,
+                pid=0,
+                started="",
+                cmdline="",
+                port=0,
+                base_url="/",
+                session_dir=session_dir,
+                notebook=opts.notebook,
+                job_id=job_id,
+            ),
+            tunnel=Tunnel(local_port=opts.local_port or 0, remote_port=0),
+            launch_options=launch_options(opts),
+            phase="queued",
+            notify=opts.notify,
+            tty=_own_tty(),
+        )
+        with store.transaction() as sessions:
+            sessions[tx.name] = session
+        undo.callback(_drop_record, store, tx.name, tx.session_id)
+        session = _supervise(store, session)
+        job = _look(cfg, session)
+        undo.pop_all()
+    return _queued_result(session, job)
+
+
+def _drop_record(store: StateStore, name: str, session_id: str) -> None:
+    with store.transaction() as sessions:
+        if name in sessions and sessions[name].server.session_id == session_id:
+            del sessions[name]
+
+
+def _own_tty() -> str:
+    """The terminal this command runs on ("" if none): where a bell can reach the user."""
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if stream.isatty():
+                return os.ttyname(stream.fileno())
+    return ""
+
+
+def await_queued(
+    store: StateStore, name: str, timeout: float | None, progress: Callable[[str], None]
+) -> Session:
+    """Wait (at most TIMEOUT seconds; None: as long as it takes) until the supervisor of
+    NAME's queued job has made it a running session; the job stays queued if it has not.
+    The supervisor asks Slurm more often while someone waits here."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen_queued = False
+    while True:
+        session = store.read().get(name)
+        if session is None:
+            raise JlremoteError(f"session {name!r} was stopped", ExitCode.NO_SESSION)
+        if session.phase == "running":
+            if seen_queued and session.notify:
+                tell_ready(session, _own_tty())
+            return session
+        job = session.server.job_id
+        if session.phase == "ended":
+            raise JlremoteError(
+                f"job {job} of session {name!r} ended before its server started: {session.ended}",
+                ExitCode.SERVER,
+            )
+        seen_queued = True
+        if not supervisor.of(session).alive():  # e.g. after a reboot here
+            session = _supervise(store, session)
+        supervisor.someone_waits(name)
+        report = supervisor.read_status(name)
+        said = report.detail if report is not None and report.detail else f"job {job} queued"
+        progress(said)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise JlremoteError(
+                f"{said}, still, after {timeout:g}s; it stays queued: `jlremote wait {name}` "
+                f"gives the URL once it runs, `jlremote stop {name}` cancels it",
+                ExitCode.SERVER,
+            )
+        time.sleep(WAIT_TICK)
+
+
+def wait(name: str | None, timeout: float | None, progress: Callable[[str], None]) -> StartResult:
+    """`jlremote wait`: block until NAME's URL works (its queued job runs), then give it.
+    Never starts a server: a session whose server has gone is an error."""
+    store = StateStore(state_dir())
+    session = store.pick(name)
+    name = session.name
+    if session.phase != "running":
+        await_queued(store, name, timeout, progress)
+    cfg = ssh.SshConfig.from_environment()
+    opts = validate(
+        StartOptions(
+            host=session.host, name=name, slurm=bool(session.server.job_id), progress=progress
+        )
+    )
+    with store.name_lock(name, timeout=60):
+        current = store.read().get(name)
+        if current is None:
+            raise JlremoteError(f"session {name!r} was stopped", ExitCode.NO_SESSION)
+        reused = _reuse(cfg, store, current, opts)
+    if reused is None:
+        raise JlremoteError(
+            f"the server of session {name!r} has ended; `jlremote start {session.host}` "
+            "starts a new one",
+            ExitCode.SERVER,
+        )
+    return reused
+
+
+def complete(
+    cfg: ssh.SshConfig,
+    store: StateStore,
+    queued: Session,
+    own: Owned,
+    report: Callable[[str], None],
+    waiting: Callable[[], bool],
+) -> Session:
+    """The supervisor OWN finishes the start of the QUEUED session once its job runs: the
+    tunnel's connection, the route to the node, the forward, the URL verified, the session
+    recorded as running. Raises if the job ended (or cannot be reached yet); the job is
+    never cancelled here."""
+    server = queued.server
+    opts = replace(
+        validate(
+            StartOptions(
+                host=queued.host,
+                name=queued.name,
+                slurm=True,
+                notebook=server.notebook,
+                local_port=queued.tunnel.local_port or None,
+                notify=queued.notify,
+            )
+        ),
+        progress=report,
+    )
+    with contextlib.ExitStack() as undo:
+        tx = _Tx(cfg, store, opts, undo, session_id=server.session_id, token=queued.token)
+        tx.own_master(tunnel.start_master(cfg, tx.host, tx.session_id, tx.logfile))
+        tx.sup = own
+        found = _await_job(
+            tx,
+            server.job_id,
+            server.session_dir,
+            deadline=None,
+            squeue_every=lambda: SQUEUE_INTERVAL if waiting() else QUEUE_POLL,
+            patient=True,
+        )
+        return _finish(tx, found, queued=queued)
+
+
+def job_ended(cfg: ssh.SshConfig, session: Session) -> str:
+    """Why SESSION's queued job has ended ("": it has not, or Slurm cannot tell)."""
+    sid, job = session.server.session_id, session.server.job_id
+    try:
+        looked = remote.poll_job(cfg, session.host, sid, job)
+    except JlremoteError:
+        return ""
+    if looked.job is None or (looked.job.active and not looked.failed):
+        return ""
+    return remote.job_failure(job, looked).message
+
+
+def tell_ready(session: Session, tty: str) -> None:
+    from jlremote import notify
+
+    where = f" on {session.server.node}" if session.server.node else ""
+    notify.tell(
+        f"jlremote: {session.name} is ready",
+        f"job {session.server.job_id} runs{where}: `jlremote start {session.host}` "
+        f"or `jlremote open {session.name}`",
+        tty,
+    )

@@ -16,8 +16,6 @@ from jlremote.state import RemoteServer, Session, StateStore
 
 log = logging.getLogger(__name__)
 
-Probed = tuple[dict[str, str], dict[str, slurm.JobState]]
-
 
 def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
     """Rows for all sessions (or just NAME). With `offline`, no remote calls: server unknown."""
@@ -32,11 +30,12 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
 
     answers: dict[str, dict[str, str]] = {}
     jobs: dict[str, slurm.JobState] = {}
+    ended: dict[str, str] = {}
     errors: dict[str, str] = {}
     if by_host and not offline:
         cfg = ssh.SshConfig.from_environment()
 
-        def ask(host: str) -> tuple[str, Probed | None, str | None]:
+        def ask(host: str) -> tuple[str, remote.Probed | None, str | None]:
             try:
                 servers = [s.server for s in by_host[host]]
                 return (
@@ -50,8 +49,9 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         with ThreadPoolExecutor(max_workers=min(8, len(by_host))) as pool:
             for host, answer, error in pool.map(ask, sorted(by_host)):
                 if answer is not None:
-                    answers[host] = answer[0]
-                    jobs.update(answer[1])
+                    answers[host] = answer.states
+                    jobs.update(answer.jobs)
+                    ended.update(answer.ended)
                 if error is not None:
                     errors[host] = error
         # Sessions whose host's name led to another login node than theirs: asked on theirs.
@@ -71,7 +71,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         error = errors.get(s.host)
         if s.server.job_id and s.host in answers and probed is None:
             error = f"Slurm on {s.host} did not answer about job {s.server.job_id}"
-        server = "running" if probed == "running" else ("gone" if probed else "unknown")
+        server, why = _server_state(s, probed, job, ended.get(s.server.session_id, ""))
         report = supervisor.read_status(s.name)
         activity = None
         state = lifecycle.tunnel_state(s)
@@ -82,6 +82,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 else tunnel.api_status(s.tunnel.local_port, s.server.base_url, s.token, timeout=2.0)
             )
             activity = str(api["last_activity"]) if api and "last_activity" in api else None
+        retrying = report is not None and state not in ("up", "none")
         rows.append(
             StatusRow(
                 name=s.name,
@@ -95,20 +96,49 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 started_at=s.created,
                 error=error,
                 uptime_s=round(now - s.created, 1),
-                transport="socket" if s.server.sock else "tcp",
+                transport=("socket" if s.server.sock else "tcp") if s.server.pid else "",
                 exposure=exposure(s.server),
-                tunnel_attempts=report.attempts if report and state != "up" else 0,
-                tunnel_error=report.last_error if report and state != "up" else None,
+                tunnel_attempts=report.attempts if report and retrying else 0,
+                tunnel_error=report.last_error if report and retrying else None,
                 last_activity=activity,
                 job_id=s.server.job_id,
-                node=s.server.node,
+                node=s.server.node or job.node,
                 job_state=job.state if s.server.job_id and probed else "",
                 time_left=job.time_left if job.state == "RUNNING" else "",
+                ending_soon=job.ending_soon and probed == "running",
+                job_reason=job.reason if job.queued else "",
+                start_estimate=job.start if job.queued else "",
+                ended=why,
+                idle_timeout=s.idle_timeout,
                 login_node=s.server.login_name,
                 pinned=s.server.pinned,
             )
         )
     return rows
+
+
+def _server_state(s: Session, probed: str | None, job: slurm.JobState, why: str) -> tuple[str, str]:
+    """What STATUS shows as the server (see StatusRow.server), and why it ended if it did
+    by itself (the remote's record of it, or for a queued job, Slurm's word)."""
+    if s.phase == "ended":
+        return "ended", s.ended
+    if probed is None:
+        return "unknown", ""
+    if s.queued:
+        if probed == "queued":
+            return "queued", ""
+        if probed == "running":
+            return "starting", ""
+        said = job.state.lower() if job.state else "ended"
+        reason = f" ({job.reason})" if job.reason else ""
+        return "ended", f"job {said} while queued{reason}"
+    if probed == "running":
+        return "running", ""
+    if probed == "queued":  # requeued by Slurm: its server is gone for now
+        return "queued", ""
+    if why:
+        return "ended", why
+    return "gone", ""
 
 
 def remote_status(host: str) -> list[RemoteRow]:

@@ -12,4 +12,5 @@ else
 fi
 tail -n "$LOG_TAIL" "$d/server.log" >&2 2>/dev/null
 rm -rf "$d"
+rm -f "$ENDED/$1"
 exit 0

@@ -5,6 +5,16 @@
 d=$1
 rt=$d
 cd "$HOME" || exit 1
+# Slurm's warning before the time limit (submit adds --signal=B:USR1@...) reaches this
+# shell, not the server: it records why the session ends and stops the server cleanly
+# (TERM: Jupyter shuts its kernels down and exits), so the job ends before it is killed.
+sid=${d##*/}
+srv=
+on_warning() {
+  mark_ended "$sid" 'the job reached its time limit'
+  if [ -n "$srv" ]; then kill -TERM "$srv" 2>/dev/null; else exit 0; fi
+}
+trap on_warning USR1
 # job_fail CODE MESSAGE: the job's own error (into its log), and its code for poll.sh.
 job_fail() { say "$2"; printf '%s\n' "$1" >"$d/failed"; exit "$1"; }
 [ -s "$d/token" ] || job_fail "$RC_NO_TOKEN" 'no token in the session directory'
@@ -27,13 +37,28 @@ dir=$(cat "$d/job.dir")
 cd "$(remote_path "$dir")" || job_fail "$RC_NO_DIR" "remote directory not found: $dir"
 command -v "$1" >/dev/null 2>&1 || job_fail "$RC_NOT_FOUND" "'$1' not found on the compute node"
 # The client says how it reaches this node (route.sh): `sock` when its ssh gets here
-# through the login host (a private socket), `tcp` otherwise. 2 minutes at most.
-i=0
-while [ ! -s "$d/route" ] && [ "$i" -lt 6000 ]; do sleep 0.02; i=$((i + 1)); done
+# through the login host (a private socket), `tcp` otherwise. It has job.route_wait
+# seconds for that (0: as long as the job lasts, for a job queued with --no-wait, whose
+# client may be asleep when it starts; with --idle-timeout, that long at most).
+limit=$(cat "$d/job.route_wait" 2>/dev/null) || limit=120
+idle_s='' idle_label=''
+if [ -s "$d/idle" ]; then read -r idle_s idle_label <"$d/idle"; fi
+if [ "$limit" = 0 ] && [ -n "$idle_s" ]; then limit=$idle_s; fi
+start=$(date +%s)
+while [ ! -s "$d/route" ]; do
+  if [ "$limit" != 0 ] && [ $(($(date +%s) - start)) -ge "$limit" ]; then break; fi
+  # Quick while a client is likely to be waiting, then calmer.
+  if [ $(($(date +%s) - start)) -lt 120 ]; then sleep 0.02; else sleep 0.5; fi
+done
 route=$(cat "$d/route" 2>/dev/null)
+if [ -z "$route" ] && [ -n "$idle_s" ]; then
+  mark_ended "$sid" "idle for $idle_label (no client came)"
+  say "no client came within $idle_label: the job ends"
+  exit 0
+fi
 [ -n "$route" ] || job_fail "$RC_SERVER_TIMEOUT" 'no client asked for the server (was start interrupted?)'
 # The login host reads the server's runtime file on the shared home: copy it there from a
-# node-local runtime directory ($$ is the server once exec'd).
+# node-local runtime directory.
 if [ "$rt" != "$d" ]; then
   (
     while kill -0 $$ 2>/dev/null; do
@@ -42,6 +67,19 @@ if [ "$rt" != "$d" ]; then
     done
   ) &
 fi
-# exec: the server is the job's own process, so scancel signals it directly.
-if [ "$route" = sock ]; then exec "$@" --sock="$rt/$SOCKET_NAME"; fi
-exec "$@" --ip="$addr" --port=0
+if [ "$route" = sock ]; then
+  set -- "$@" "--sock=$rt/$SOCKET_NAME"
+else
+  set -- "$@" "--ip=$addr" --port=0
+fi
+# The server is this shell's child (scancel signals the whole job; the warning above
+# reaches only this shell); the job ends with the server's exit code.
+"$@" </dev/null &
+srv=$!
+start_watcher "$d" "$rt" || say 'no python3 on the node: --idle-timeout cannot work here'
+while :; do
+  wait "$srv"
+  rc=$?
+  kill -0 "$srv" 2>/dev/null || break
+done
+exit "$rc"

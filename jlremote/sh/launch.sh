@@ -1,13 +1,17 @@
-# launch.sh SESSION NAME KIND ATTACH WAIT TIMEOUT TRANSPORT ENV DIR JUPYTER ARG...
+# launch.sh SESSION NAME KIND ATTACH WAIT TIMEOUT TRANSPORT ENV DIR IDLE WATCHER JUPYTER ARG...
 # Start a detached Jupyter server (JUPYTER ARG...) in a new private session directory and
 # report on it, or report the live server already named NAME (ATTACH=1: only that).
-# WAIT is whole seconds to wait, TIMEOUT what the user asked for. The token comes on stdin. Reports: WAIT lines while waiting (a write to a vanished
+# WAIT is whole seconds to wait, TIMEOUT what the user asked for. IDLE (`SECONDS LABEL`,
+# or empty) asks for the idle watcher, whose Python text is WATCHER. The token comes on
+# stdin. Reports: WAIT lines while waiting (a write to a vanished
 # client raises SIGPIPE, and the trap stops the half-started server), then PID, START,
 # ARGS, DIR, LOGIN (this login node and the address the client reached) and the server's
 # runtime JSON. A live server of NAME on another login node is reported with its LOGIN
 # and no runtime JSON: the client attaches to it there.
 sid=$1 name=$2 kind=$3 attach=$4 wait_s=$5 timeout=$6 transport=$7 env=$8 dir=$9
 shift 9
+idle=$1 watcher=$2
+shift 2
 
 # A live server of this name (started by any client of this user) is reused.
 if [ -n "$name" ] && scan "$name"; then exit 0; fi
@@ -65,6 +69,12 @@ printf '%s %s\n' "$(node_id)" "$(node_addr)" >"$d/login"
 { eval "$env"; } </dev/null >&2 || fail "$RC_ENV_FAILED" 'the --env snippet failed on the remote'
 cd "$(remote_path "$dir")" 2>/dev/null || fail "$RC_NO_DIR" "remote directory not found: $dir"
 command -v "$1" >/dev/null 2>&1 || fail "$RC_NOT_FOUND" "'$1' not found on the remote"
+if [ -n "$idle" ]; then
+  command -v python3 >/dev/null 2>&1 || command -v python >/dev/null 2>&1 ||
+    fail "$RC_NO_PYTHON" 'no python3 on the remote for the --idle-timeout watcher'
+  printf '%s\n' "$idle" >"$d/idle"
+  printf '%s' "$watcher" >"$d/idle.py"
+fi
 [ "$transport" = socket ] && set -- "$@" "--sock=$rt/$SOCKET_NAME"
 
 # setsid: its own session, so no hang-up reaches it; stdin from /dev/null, no pty.
@@ -93,6 +103,7 @@ ar=$(ps -ww -o args= -p "$pid")
 printf '%s\n' "$pid" >"$d/server.pid"
 printf '%s\n' "$st" >"$d/server.start"
 printf '%s\n' "$ar" >"$d/server.args"
+start_watcher "$d" "$rt"
 report PID "$pid"
 report START "$st"
 report ARGS "$ar"

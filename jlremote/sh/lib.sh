@@ -24,9 +24,13 @@ umask 077
   RC_NO_SOCKET=91       # the server could not serve on a Unix socket
   RC_SLURM_SILENT=92    # Slurm did not answer about a job
   RC_ELSEWHERE=93       # this is another login node than the session's
+  RC_NO_PYTHON=94       # no python3 on the remote for --idle-timeout's watcher
   RC_NOT_FOUND=127      # jupyter not found (the shell's own code for it)
 
   SESSIONS=$HOME/.jlremote/sessions
+  # Why a session's server ended by itself (idle, the job's time limit): ENDED/SESSION,
+  # kept past its session directory until the client has been told (stop removes it).
+  ENDED=$HOME/.jlremote/ended
   LOG_TAIL=15
   # A kernel's sockets are RUNTIME/kernel-<uuid>-ipc-<n>: 51 bytes after the directory, and
   # a Unix socket address holds 107. A longer session directory (a deep home) gets a short
@@ -61,6 +65,22 @@ at_node() {
   [ "$here" = "$1" ] && return 0
   say "this is the login node $here, not $1"
   exit "$RC_ELSEWHERE"
+}
+
+# mark_ended SESSION REASON: why SESSION's server ended by itself.
+mark_ended() { mkdir -p "$ENDED" && printf '%s\n' "$2" >"$ENDED/$1"; }
+
+# start_watcher DIR RUNTIME: when the session asked for --idle-timeout (DIR/idle holds
+# `SECONDS LABEL`), the watcher (DIR/idle.py) beside its server, detached; it ends the
+# server after that long without activity and exits with it.
+start_watcher() {
+  [ -s "$1/idle" ] || return 0
+  py=$(command -v python3 || command -v python) || return 1
+  if command -v setsid >/dev/null 2>&1; then
+    setsid nohup "$py" "$1/idle.py" "$1" "$2" "$ENDED" </dev/null >>"$1/idle.log" 2>&1 &
+  else
+    nohup "$py" "$1/idle.py" "$1" "$2" "$ENDED" </dev/null >>"$1/idle.log" 2>&1 &
+  fi
 }
 
 # check_id ID: session (and probe) ids are lowercase hex only: they name files.
@@ -143,11 +163,11 @@ owns_port() {
   lsof -nP -a -p "$1" -iTCP:"$2" -sTCP:LISTEN >/dev/null 2>&1
 }
 
-# job_state JOB: `STATE|REASON|NODES|TIMELEFT|COMMENT`, or nothing once Slurm has forgotten
+# job_state JOB: `STATE|REASON|NODES|TIMELEFT|START|COMMENT`, or nothing once Slurm has forgotten
 # the job ("Invalid job id"); fails when Slurm cannot tell (the controller is down or
 # slow), which a caller must never take for "ended".
 job_state() {
-  o=$(squeue -h -t all -j "$1" -o '%T|%r|%N|%L|%k' 2>&1) &&
+  o=$(squeue -h -t all -j "$1" -o '%T|%r|%N|%L|%S|%k' 2>&1) &&
     { printf '%s\n' "$o" | grep '|' | head -n 1; return 0; }
   case $o in *"Invalid job id"*) return 0 ;; esac
   return 1

@@ -1,10 +1,12 @@
 # probe.sh [SESSION PID START ARGS PORT JOB LOGIN]...: report `PROBE SESSION STATE` for
-# each server, STATE one of running, gone, foreign (the PID is alive but another process
-# now), or elsewhere (LOGIN, the server's login node, is not this one: ask it there).
+# each server, STATE one of running, queued (its job waits to run), gone, foreign (the
+# PID is alive but another process now), or elsewhere (LOGIN, the server's login node,
+# is not this one: ask it there). A gone server that ended by itself (idle, the job's
+# time limit) also gets `ENDED SESSION REASON`.
 # PORT (not 0) is a TCP server's port: it must still be the server's own, since once the
 # server has died another user may listen there and answer anything. A server in a Slurm
 # job (JOB not empty) runs while the job is RUNNING with our comment; its squeue line goes
-# out as `JOB SESSION STATE|REASON|NODE|LEFT|COMMENT`. When Slurm cannot tell, nothing is
+# out as `JOB SESSION STATE|REASON|NODE|LEFT|START|COMMENT`. When Slurm cannot tell, nothing is
 # said of that session (status shows it unknown).
 here=$(node_id)
 while [ $# -ge 7 ]; do
@@ -17,7 +19,9 @@ while [ $# -ge 7 ]; do
     report JOB "$sid $js"
     case $js in
       "RUNNING|"*"|jlremote:$sid") s=running ;;
-      *"|jlremote:$sid" | "") s=gone ;;
+      PENDING"|"*"|jlremote:$sid" | CONFIGURING"|"*"|jlremote:$sid" | REQUEUE*"|jlremote:$sid") s=queued ;;
+      *"|jlremote:$sid") s=gone ;;
+      "") s=gone ;;
       *) s=foreign ;;
     esac
   else
@@ -27,4 +31,5 @@ while [ $# -ge 7 ]; do
     case $r in 0) s=running ;; 1) s=gone ;; *) s=foreign ;; esac
   fi
   report PROBE "$sid $s"
+  if [ "$s" = gone ] && [ -f "$ENDED/$sid" ]; then report ENDED "$sid $(cat "$ENDED/$sid")"; fi
 done

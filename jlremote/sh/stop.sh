@@ -39,4 +39,5 @@ else
   fi
   drop_entry "$d"
 fi
+rm -f "$ENDED/$1"
 report STOP "$state"

@@ -123,8 +123,8 @@ class Cluster:
             "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n"
             "JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n"
             "JobCompType=jobcomp/none\nMpiDefault=none\nMailProg=/bin/true\n"
-            "SchedulerType=sched/builtin\nSelectType=select/cons_tres\n"
-            "SelectTypeParameters=CR_Core\nSchedulerParameters=batch_sched_delay=0\n"
+            "SchedulerType=sched/backfill\nSelectType=select/cons_tres\n"
+            "SelectTypeParameters=CR_Core\nSchedulerParameters=batch_sched_delay=0,bf_interval=1\n"
             "SlurmdParameters=config_overrides\nReturnToService=2\nKillWait=5\n"
             "DebugFlags=NO_CONF_HASH\n"
             # Commands give up on a controller that is down after 2 s, not the default 10.

@@ -67,8 +67,11 @@ def test_the_job_script_holds_no_value_and_no_token() -> None:
     # The token stays in its 0600 file: not in the environment kernels inherit.
     assert "unset JUPYTER_TOKEN\n" in text
     assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in text
-    assert text.rstrip().endswith('exec "$@" --ip="$addr" --port=0')
-    assert 'exec "$@" --sock="$rt/$SOCKET_NAME"' in text
+    assert 'set -- "$@" "--ip=$addr" --port=0' in text
+    assert 'set -- "$@" "--sock=$rt/$SOCKET_NAME"' in text
+    # The server is the shell's child: Slurm's warning before the time limit reaches the
+    # shell (--signal=B:...), which records why and stops the server cleanly.
+    assert "trap on_warning USR1" in text and '"$@" </dev/null &' in text
 
 
 def test_submit_passes_values_and_sbatch_options_as_separate_words() -> None:
@@ -84,13 +87,24 @@ def test_submit_passes_values_and_sbatch_options_as_separate_words() -> None:
         "module load python/3.11",
         "my work",
         "jupyter\nlab\n--no-browser\n--KernelManager.transport=ipc\n--allow-root",
+        "120",  # seconds the job waits for its client to say how it is reached
+        "",  # no --idle-timeout
+        "",
         "-p",
         "gpu",
         "-J",
         "a b;c",
         "--gres=gpu:1",
+        "--signal=B:USR1@60",  # the server's clean end before the time limit
     )
     assert "module load" not in script.text and "a b;c" not in script.text
+    # --no-wait: the job waits for its client as long as it lasts; the user's own --signal
+    # replaces ours; --idle-timeout ships the watcher.
+    queued = scripts.submit(
+        spec(no_wait=True, idle_seconds=7200, idle_label="2h"), ("--signal=USR2@300",)
+    )
+    assert queued.args[7:10] == ("0", "7200 2h", scripts.source("idle.py"))
+    assert queued.args[10:] == ("--signal=USR2@300",)
 
 
 def _sbatch_stand_in(tmp_path: Path) -> Path:
@@ -127,6 +141,7 @@ def test_submit_runs_sbatch_with_each_word_and_leaves_the_job_its_files(tmp_path
         "gpu",
         "-J",
         "a b;c",
+        "--signal=B:USR1@60",
         "--parsable",
         f"--comment=jlremote:{SID}",
         f"--output={d}/server.log",
@@ -137,6 +152,7 @@ def test_submit_runs_sbatch_with_each_word_and_leaves_the_job_its_files(tmp_path
     assert (d / "job.dir").read_text() == "my work"
     assert (d / "job.argv").read_text().splitlines()[0] == "jupyter"
     assert (d / "job.id").read_text() == "42\n"
+    assert (d / "job.route_wait").read_text() == "120\n" and not (d / "idle").exists()
 
 
 def test_submit_refuses_to_run_without_a_token(tmp_path: Path) -> None:
@@ -156,20 +172,31 @@ def test_submit_refuses_to_run_without_a_token(tmp_path: Path) -> None:
 
 
 def test_parse_job_state() -> None:
-    assert slurm.parse_job_state("RUNNING|None|node7|3:59:58|jlremote:ab") == slurm.JobState(
-        "RUNNING", "", "node7", "3:59:58", "jlremote:ab"
+    running = slurm.parse_job_state("RUNNING|None|node7|3:59:58|2026-12-02T10:00:01|jlremote:ab")
+    assert running == slurm.JobState(
+        "RUNNING", "", "node7", "3:59:58", "jlremote:ab", "2026-12-02T10:00:01"
     )
-    assert slurm.parse_job_state("PENDING|Priority||UNLIMITED|(null)") == slurm.JobState(
-        "PENDING", "Priority", "", "UNLIMITED", ""
-    )
-    assert slurm.parse_job_state("CANCELLED by 0|None|n|0:00|x").state == "CANCELLED"
+    assert running.seconds_left == 3 * 3600 + 59 * 60 + 58 and not running.ending_soon
+    pending = slurm.parse_job_state("PENDING|Resources|(null)|UNLIMITED|N/A|(null)")
+    assert pending == slurm.JobState("PENDING", "Resources", "", "UNLIMITED", "", "")
+    assert pending.queued and pending.seconds_left is None
+    assert pending.describe() == "PENDING (Resources)"
+    estimate = slurm.JobState("PENDING", "Priority", start="2026-12-02T14:05:00")
+    assert estimate.describe() == "PENDING (Priority; estimated start 2026-12-02T14:05:00)"
+    assert slurm.parse_job_state("CANCELLED by 0|None|n|0:00|N/A|x").state == "CANCELLED"
     assert slurm.parse_job_state("") == slurm.JobState()
     assert not slurm.JobState().active and slurm.JobState("PENDING").active
+    assert not slurm.JobState("RUNNING").queued and not slurm.JobState("CANCELLED").queued
+    # Walltime left, as squeue's %L writes it; under 10 minutes is "ending soon".
+    for left, secs in (("9:59", 599), ("1:00:00", 3600), ("2-01:00:00", 176400), ("0:05", 5)):
+        job = slurm.JobState("RUNNING", time_left=left)
+        assert job.seconds_left == secs and job.ending_soon == (secs < 600)
+    assert slurm.JobState("RUNNING", time_left="INVALID").seconds_left is None
 
 
 def test_a_poll_reply() -> None:
     out = (
-        "motd noise\nJLREMOTE-JOBSTATE RUNNING|None|node7|1:00:00|jlremote:ab\n"
+        "motd noise\nJLREMOTE-JOBSTATE RUNNING|None|node7|1:00:00|N/A|jlremote:ab\n"
         "JLREMOTE-NODE node7 10.1.2.7\nJLREMOTE-INFO\n"
         '{"port": 40123, "hostname": "10.1.2.7", "pid": 99, "base_url": "/"}\n\nJLREMOTE-END\n'
     )
@@ -178,7 +205,7 @@ def test_a_poll_reply() -> None:
     assert (poll.node, poll.address, poll.failed) == ("node7", "10.1.2.7", 0)
     assert poll.info == {"port": 40123, "hostname": "10.1.2.7", "pid": 99, "base_url": "/"}
     half = remote._job_poll(
-        protocol.parse("JLREMOTE-JOBSTATE RUNNING|None|n|1:00|c\nJLREMOTE-INFO\n{"), ""
+        protocol.parse("JLREMOTE-JOBSTATE RUNNING|None|n|1:00|N/A|c\nJLREMOTE-INFO\n{"), ""
     )
     assert half.info is None  # still being written
     failed = remote._job_poll(protocol.parse("JLREMOTE-FAILED 127\n"), "jlremote: x\n")

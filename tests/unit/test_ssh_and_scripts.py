@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,8 @@ def test_launch_gets_every_value_as_an_argument_and_never_the_token() -> None:
         "tcp",
         "source ~/venv/bin/activate",
         HOSTILE,
+        "",  # no --idle-timeout: no watcher
+        "",
         "/x y/jupyter",
         "lab",
         "--no-browser",
@@ -264,6 +267,10 @@ def test_launch_gets_every_value_as_an_argument_and_never_the_token() -> None:
     )
     # The text is the same whatever the values: none of them is in it.
     assert script.text == scripts.launch(LaunchSpec("ab" * 8)).text
+    # --idle-timeout: its seconds and words, and the watcher's text, as two arguments.
+    idle = scripts.launch(replace(spec, idle_seconds=5400, idle_label="1h30m"))
+    assert idle.args[9] == "5400 1h30m" and idle.args[10] == scripts.source("idle.py")
+    assert idle.args[11:] == script.args[11:]
     assert HOSTILE not in script.text and "venv" not in script.text
     assert "read -r t" in script.text  # the token from stdin...
     # ... into a 0600 file the server reads, not into the environment kernels inherit
