@@ -106,13 +106,22 @@ def main() -> int:
             raise OSError(f"{method} {path}: HTTP {reply.status}")
         return json.loads(body) if body else None
 
+    def wait(seconds: float) -> bool:
+        """Sleep; False as soon as the server or its session directory is gone."""
+        end = time.time() + seconds
+        while _alive(pid) and os.path.isdir(session_dir):
+            if time.time() >= end:
+                return True
+            time.sleep(0.25)
+        return False
+
     active = time.time()
-    while _alive(pid):
+    while wait(0):
         try:
             st = call("GET", "/api/status")
             kernels = call("GET", "/api/kernels?no_track_activity=1")
         except (OSError, ValueError, http.client.HTTPException):
-            time.sleep(tick)
+            wait(tick)
             continue
         try:
             terminals = call("GET", "/api/terminals?no_track_activity=1")
@@ -141,7 +150,7 @@ def main() -> int:
             while _alive(pid) and time.time() < deadline:
                 time.sleep(0.2)
             return 0
-        time.sleep(tick)
+        wait(tick)
     return 0
 
 

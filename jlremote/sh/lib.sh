@@ -72,7 +72,7 @@ mark_ended() { mkdir -p "$ENDED" && printf '%s\n' "$2" >"$ENDED/$1"; }
 
 # start_watcher DIR RUNTIME: when the session asked for --idle-timeout (DIR/idle holds
 # `SECONDS LABEL`), the watcher (DIR/idle.py) beside its server, detached; it ends the
-# server after that long without activity and exits with it.
+# server after that long without activity and exits with it (or its directory).
 start_watcher() {
   [ -s "$1/idle" ] || return 0
   py=$(command -v python3 || command -v python) || return 1
@@ -81,6 +81,14 @@ start_watcher() {
   else
     nohup "$py" "$1/idle.py" "$1" "$2" "$ENDED" </dev/null >>"$1/idle.log" 2>&1 &
   fi
+  printf '%s\n' "$!" >"$1/watcher.pid"
+}
+
+# stop_watcher DIR: end DIR's watcher now (its argv names DIR/idle.py: that proves it).
+stop_watcher() {
+  [ -f "$1/watcher.pid" ] || return 0
+  w=$(cat "$1/watcher.pid")
+  case "$(ps -ww -o args= -p "$w" 2>/dev/null)" in *" $1/idle.py "*) kill "$w" 2>/dev/null ;; esac
 }
 
 # check_id ID: session (and probe) ids are lowercase hex only: they name files.
@@ -119,6 +127,7 @@ rundir() { if [ -f "$1/run" ]; then cat "$1/run"; else printf '%s\n' "$1"; fi; }
 
 # drop_entry DIR: remove a session directory and its runtime directory.
 drop_entry() {
+  stop_watcher "$1"
   r=$(rundir "$1")
   [ "$r" = "$1" ] || rm -rf "$r"
   rm -rf "$1"
