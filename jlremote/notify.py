@@ -48,7 +48,7 @@ def tell(title: str, body: str, tty: str = "") -> str:
     if tty:
         try:
             with open(tty, "w") as term:
-                term.write(f"\a\r\njlremote: {title}: {body}\r\n")
+                term.write(f"\a\r\n{title}: {body}\r\n")
             return "bell"
         except OSError as exc:
             log.info("no bell on %s: %s", tty, exc)

@@ -179,6 +179,13 @@ class JobState:
         return (self.state or "FORGOTTEN") + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def ended_early(job: JobState) -> str:
+    """Why a queued job's session ended, as `status` says it: `job cancelled before its
+    server started (REASON)`."""
+    said = job.state.lower() if job.state else "ended"
+    return f"job {said} before its server started" + (f" ({job.reason})" if job.reason else "")
+
+
 def parse_job_state(line: str) -> JobState:
     """`PENDING|Resources|(null)|1:00:00|2026-12-02T14:05:00|jlremote:abc` as a JobState
     (blank: forgotten)."""

@@ -63,6 +63,12 @@ def open_session(name: str | None) -> OpenResult:
     from jlremote.browser import open_url
 
     session = StateStore(state_dir()).pick(name)
+    if session.phase != "running":
+        raise JlremoteError(
+            f"session {session.name!r} has no server yet (job {session.server.job_id} is "
+            f"{session.phase}); `jlremote wait {session.name} --open` opens it once it runs",
+            ExitCode.SERVER,
+        )
     state = lifecycle.tunnel_state(session)
     if state != "up":
         if state != "reconnecting":

@@ -762,10 +762,7 @@ def await_queued(
             return session
         job = session.server.job_id
         if session.phase == "ended":
-            raise JlremoteError(
-                f"job {job} of session {name!r} ended before its server started: {session.ended}",
-                ExitCode.SERVER,
-            )
+            raise JlremoteError(f"session {name!r}: {session.ended}", ExitCode.SERVER)
         seen_queued = True
         if not supervisor.of(session).alive():  # e.g. after a reboot here
             session = _supervise(store, session)
@@ -860,7 +857,9 @@ def job_ended(cfg: ssh.SshConfig, session: Session) -> str:
         return ""
     if looked.job is None or (looked.job.active and not looked.failed):
         return ""
-    return remote.job_failure(job, looked).message
+    if looked.failed:  # the job script's own error (e.g. jupyter not found on the node)
+        return remote.job_failure(job, looked).message
+    return slurm.ended_early(looked.job)
 
 
 def tell_ready(session: Session, tty: str) -> None:

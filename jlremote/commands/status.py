@@ -129,9 +129,7 @@ def _server_state(s: Session, probed: str | None, job: slurm.JobState, why: str)
             return "queued", ""
         if probed == "running":
             return "starting", ""
-        said = job.state.lower() if job.state else "ended"
-        reason = f" ({job.reason})" if job.reason else ""
-        return "ended", f"job {said} while queued{reason}"
+        return "ended", slurm.ended_early(job)
     if probed == "running":
         return "running", ""
     if probed == "queued":  # requeued by Slurm: its server is gone for now

@@ -15,6 +15,10 @@ on_warning() {
   if [ -n "$srv" ]; then kill -TERM "$srv" 2>/dev/null; else exit 0; fi
 }
 trap on_warning USR1
+# scancel (`stop`) signals the whole job: this shell stays until the server has shut down,
+# so that the server is still the job's when Slurm ends what is left.
+on_term() { if [ -n "$srv" ]; then kill -TERM "$srv" 2>/dev/null; else exit 143; fi; }
+trap on_term TERM
 # job_fail CODE MESSAGE: the job's own error (into its log), and its code for poll.sh.
 job_fail() { say "$2"; printf '%s\n' "$1" >"$d/failed"; exit "$1"; }
 [ -s "$d/token" ] || job_fail "$RC_NO_TOKEN" 'no token in the session directory'

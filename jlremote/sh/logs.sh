@@ -4,6 +4,10 @@
 # stray `tail` stays).
 use_session "$1"
 at_node "$4"
+if [ ! -f "$d/server.log" ] && [ -f "$d/job.id" ]; then
+  say 'no log yet: the job has not started'
+  exit "$RC_NO_ENTRY"
+fi
 [ -f "$d/server.log" ] || { say 'the server log is gone (the session has ended)'; exit "$RC_NO_ENTRY"; }
 [ "$3" = 1 ] || exec tail -n "$2" "$d/server.log"
 tail -n "$2" -F "$d/server.log" 2>/dev/null &

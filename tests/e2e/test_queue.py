@@ -4,7 +4,6 @@ job so that the next one pends with reason Resources."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,15 +165,22 @@ def test_a_queued_job_ended_from_outside_and_a_queued_stop(
     # An admin cancels it while it waits: status says so, with Slurm's word.
     assert cluster.run("scancel", job).returncode == 0
     row = wait_until(lambda: (s := status_of(sjl))["server"] == "ended" and s, 30, "status: ended")
-    assert "cancelled while queued" in str(row["ended"]), row
-    assert "ended: job cancelled while queued" in sjl("status").stdout
+    assert "cancelled before its server started" in str(row["ended"]), row
+    assert "ended: job cancelled before its server started" in sjl("status").stdout
     w = sjl("wait", ALIAS, "--timeout", "5")
     assert w.rc == 7 and w.stdout == ""
-    assert_one_error_line(w.stderr, "ended before its server started")
+    assert_one_error_line(w.stderr, "session 'remote': job cancelled before its server started")
     # `start --no-wait` again queues a new job in its place; `stop` cancels it.
     again = sjl("start", ALIAS, "--slurm", "--no-wait", "--json")
     assert again.rc == 0 and again.json()["job_id"] != job
     assert ours(cluster) == [again.json()["job_id"]]
+    # No server yet: `logs` and `open` say so.
+    logs = sjl("logs", ALIAS)
+    assert logs.rc == 9
+    assert_one_error_line(logs.stderr, "no log yet: the job has not started")
+    opened = sjl("open", ALIAS)
+    assert opened.rc == 7
+    assert_one_error_line(opened.stderr, "has no server yet", "jlremote wait")
     stop = sjl("stop", ALIAS)
     assert stop.rc == 0 and stop.stdout == "", stop.stderr
     assert ours(cluster) == [] and cluster.job_state(blocker) == "RUNNING"
@@ -246,18 +252,3 @@ def test_the_time_limit_ends_the_server_cleanly_and_is_announced(
     assert "received signal 15, stopping" in log and "Shutting down" in log
     row = status_of(sjl)
     assert (row["server"], row["ended"]) == ("ended", "the job reached its time limit")
-
-
-def test_bad_queue_options_are_one_line(jl: Jl) -> None:
-    for args, words in (
-        (("--no-wait",), "--no-wait needs --slurm"),
-        (("--idle-timeout", "5"), "give a unit"),
-        (("--idle-timeout", "3s"), "too short"),
-    ):
-        r = jl("start", ALIAS, *args)
-        assert r.rc == 2, (args, r.stderr)
-        assert_one_error_line(r.stderr, words)
-    w = jl("wait", "nosuch")
-    assert w.rc == 9
-    assert_one_error_line(w.stderr, "no session named 'nosuch'")
-    assert jl.sessions() == {} and not os.listdir(jl.runtime_dir)

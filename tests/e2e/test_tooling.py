@@ -322,5 +322,3 @@ def test_readme_quick_start_runs_as_written(jl: Jl, testbed: Testbed) -> None:
     assert url.startswith("http://127.0.0.1:") and url in outputs[1]
     assert outputs[2] == ""
     assert_nothing_left(testbed, jl)
-
-

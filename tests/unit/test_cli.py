@@ -36,11 +36,13 @@ def test_bad_host_argument(cli: Jl) -> None:
         (["--slurm", "--sbatch", "--output=x"], "--sbatch may not set --output"),
         (["--name", "a b"], "not a valid session name"),
         (["--jupyter", "a\nb"], "--jupyter: a newline"),
+        (["--no-wait"], "--no-wait needs --slurm"),
+        (["--idle-timeout", "5"], "give a unit"),
+        (["--idle-timeout", "3s"], "too short"),
+        (["--slurm", "--idle-timeout", "2x"], "not a duration: '2x'"),
     ],
 )
-def test_bad_start_options_fail_before_any_connection(
-    cli: Jl, args: list[str], words: str
-) -> None:
+def test_bad_start_options_fail_before_any_connection(cli: Jl, args: list[str], words: str) -> None:
     # A host that would hang if it were tried: an address of the test bed's own /24
     # where nothing listens.
     r = cli("start", "10.213.255.254", *args, timeout=20)
@@ -56,6 +58,7 @@ def test_unknown_session_names(cli: Jl) -> None:
     assert_one_error_line(r.stderr, "nope")
     assert cli("status", "nope").rc == 9
     assert cli("logs", "nope").rc == 9
+    assert cli("wait", "nope").rc == 9
 
 
 def test_status_of_nothing_is_quiet(cli: Jl) -> None:

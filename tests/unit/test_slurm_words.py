@@ -113,7 +113,7 @@ def _sbatch_stand_in(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     fake = bin_dir / "sbatch"
     fake.write_text(
-        f"#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done > {tmp_path}/argv\necho 42\n"
+        f'#!/bin/sh\nfor a in "$@"; do printf \'%s\\n\' "$a"; done > {tmp_path}/argv\necho 42\n'
     )
     fake.chmod(0o755)
     return bin_dir

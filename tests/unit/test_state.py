@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ def make(name: str, host: str = "gpubox", notebook: bool = False) -> Session:
 def test_url() -> None:
     assert make("a").url == "http://127.0.0.1:9000/lab?token=t0k"
     assert make("a", notebook=True).url == "http://127.0.0.1:9000/tree?token=t0k"
+
+
+def test_a_queued_session_has_no_url_and_older_records_are_running(tmp_path: Path) -> None:
+    queued = replace(make("q"), phase="queued", notify=True, tty="/dev/pts/3")
+    assert queued.queued and queued.url == ""
+    assert Session.from_dict(queued.to_dict()) == queued
+    entry = make("a").to_dict()
+    for key in ("phase", "ended", "notify", "tty"):  # a schema 4 record
+        del entry[key]
+    assert Session.from_dict(entry) == make("a") and make("a").phase == "running"
+    shaped = replace(make("a"), launch_options='{"idle_timeout": "2h", "notebook": false}')
+    assert shaped.idle_timeout == "2h" and make("a").idle_timeout == ""
 
 
 def test_round_trip_mode_and_schema(tmp_path: Path) -> None:
