@@ -166,7 +166,9 @@ def _started(result: Any, open_browser: bool | None, as_json: bool) -> None:
     for a queued job its id and state on stderr; or the JSON."""
     if result.queued:
         render.queued(result)
-    elif _want_browser(open_browser):
+    elif not as_json:
+        render.apps_started(result)
+    if not result.queued and _want_browser(open_browser):
         from jlremote.browser import open_url
 
         _guarded(open_url, result.name, result.url)
@@ -197,7 +199,8 @@ def _start_signature() -> inspect.Signature:
     ]
     for name, o in options.OPTIONS.items():
         default = None if o.key else options.DEFAULTS[name]
-        kind: Any = o.kind if default is not None else Optional[o.kind]  # noqa: UP045
+        kind: Any = list[str] if o.kind is list else o.kind
+        kind = kind if default is not None else Optional[kind]  # noqa: UP045
         option = typer.Option(
             o.flags[0],
             *o.flags[1:],
@@ -274,6 +277,45 @@ def wait(
             line.close()
 
     _started(_guarded(run), open_browser, as_json)
+
+
+@app.command()
+def forward(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="The session (optional when there is only one).",
+            autocompletion=completion.sessions,
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        str | None,
+        typer.Argument(
+            help="[LABEL=][LOCAL:]PORT: PORT beside the server (with --slurm, on its node), "
+            "e.g. 6006 or tensorboard=6006; LOCAL is a free local port unless given.",
+            show_default=False,
+        ),
+    ] = None,
+    remove: Annotated[
+        str | None,
+        typer.Option("--remove", help="Stop forwarding this PORT (or LABEL).", show_default=False),
+    ] = None,
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Forward another web app of a running session (TensorBoard, a Dask dashboard,
+    Streamlit...) over its tunnel's own connection, and print its local URL; `--remove`
+    stops it; with neither, list them. The forwards heal with the tunnel (same local
+    ports) and end with `stop`. Nothing needs to listen on PORT yet."""
+    _setup_logging(verbose)
+    from jlremote.commands.forward import forward as do_forward
+
+    result = _guarded(do_forward, name, port, remove)
+    if as_json:
+        render.print_json(result.to_json())
+    elif remove is None:  # quiet on --remove
+        render.forwarded(result)
 
 
 @app.command()

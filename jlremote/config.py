@@ -157,7 +157,13 @@ def _check(path: Path, text: str, host: str | None, key: str, value: Any) -> Any
     if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
-        want = {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}
+        want = {
+            str: "a string",
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number",
+            list: "a list of strings",
+        }
         _bad(path, text, host, key, f"must be {want[spec.kind]}, not {value!r}")
     why = options.problem(spec.option, value)
     if why is not None:

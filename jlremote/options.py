@@ -41,6 +41,7 @@ class Opt:
     port: bool = False  # 1 to 65535
     positive: bool = False  # more than 0
     duration: bool = False  # a duration with a unit: 90m, 2h, 1h30m, 45s
+    forwards: bool = False  # a list of [LABEL=][LOCAL:]PORT
     # Part of what shapes a new server: a live session started with other values is
     # reused with a warning (launch_options()).
     shapes_server: bool = False
@@ -183,6 +184,14 @@ class StartOptions:
         duration=True,
         shapes_server=True,
     )
+    forwards: list[str] | None = _opt(  # noqa: RUF009 (a field(), as every _opt)
+        None,
+        "--forward",
+        help="Also forward another web app of the session (TensorBoard, a dashboard): "
+        "[LABEL=][LOCAL:]PORT, e.g. --forward tensorboard=6006 (repeatable). PORT is beside "
+        "the server (with --slurm, on its node); LOCAL is a free local port unless given.",
+        forwards=True,
+    )
     # Told each step as it begins (a live line on a terminal); not an option.
     progress: Progress = field(default=_quiet, compare=False, repr=False)
 
@@ -197,6 +206,8 @@ class StartOptions:
 def _base_type(tp: Any) -> type:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     found = args[0] if args else tp
+    if typing.get_origin(found) is list:
+        return list
     return str if isinstance(found, type) and issubclass(found, enum.Enum) else found
 
 
@@ -240,7 +251,52 @@ def problem(name: str, value: Any) -> str | None:
             seconds(value)
         except ValueError as exc:
             return str(exc)
+    if o.forwards:
+        try:
+            parse_forwards(value)
+        except ValueError as exc:
+            return str(exc)
     return None
+
+
+_FORWARD = re.compile(r"(?:([A-Za-z][A-Za-z0-9._-]{0,31})=)?(?:(\d{1,5}):)?(\d{1,5})")
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """`[LABEL=][LOCAL:]PORT`: the app's name (default: its port), the local port (0: a
+    free one) and its port beside the server."""
+
+    label: str
+    local_port: int
+    remote_port: int
+
+
+def parse_forward(text: str) -> ForwardSpec:
+    found = _FORWARD.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not found:
+        raise ValueError(f"not [LABEL=][LOCAL:]PORT: {text!r} (e.g. 6006 or tensorboard=6006)")
+    label, local, port = found.groups()
+    for value in (local, port):
+        if value is not None and not 1 <= int(value) <= 65535:
+            raise ValueError(f"{int(value)} is not a port")
+    return ForwardSpec(label or port, int(local or 0), int(port))
+
+
+def parse_forwards(texts: list[str]) -> list[ForwardSpec]:
+    """Each of TEXTS parsed; a label, remote port or local port given twice is an error."""
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError('must be a list of strings such as "tensorboard=6006"')
+    found = [parse_forward(t) for t in texts]
+    for what, values in (
+        ("the label", [f.label for f in found]),
+        ("port", [str(f.remote_port) for f in found]),
+        ("local port", [str(f.local_port) for f in found if f.local_port]),
+    ):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{what} {twice[0]!r} is given twice")
+    return found
 
 
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")

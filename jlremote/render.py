@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from jlremote.results import DoctorResult, RemoteRow, StartResult, StatusRow
+from jlremote.results import DoctorResult, ForwardResult, RemoteRow, StartResult, StatusRow
 from jlremote.terminal import clean
 
 
@@ -67,6 +67,32 @@ def queued(result: StartResult) -> None:
     )
 
 
+def apps_started(result: StartResult) -> None:
+    """The session's other apps (--forward), one URL each, on stderr: stdout's last line
+    stays the Jupyter URL."""
+    for app in result.forwards:
+        typer.echo(f"jlremote: {app['label']}: {app['url']} (port {app['remote_port']})", err=True)
+
+
+def _answers(app: dict[str, object]) -> str:
+    return {True: "yes", False: "no", None: "-"}[app.get("answers")]  # type: ignore[index]
+
+
+def apps(rows: list[tuple[str, dict[str, object]]]) -> None:
+    """The other apps of sessions, as a table."""
+    table(
+        ("NAME", "APP", "TARGET", "ANSWERS", "URL"),
+        [(name, str(a["label"]), str(a["target"]), _answers(a), str(a["url"])) for name, a in rows],
+    )
+
+
+def forwarded(result: ForwardResult) -> None:
+    if result.added is not None:
+        typer.echo(str(result.added["url"]))
+    elif result.forwards:
+        apps([(result.name, a) for a in result.forwards])
+
+
 def _server(r: StatusRow) -> str:
     if r.server == "ended" and r.ended:
         return f"ended: {r.ended}"
@@ -111,6 +137,10 @@ def status(rows: list[StatusRow]) -> None:
             for r in rows
         ],
     )
+    others = [(r.name, a) for r in rows for a in r.forwards]
+    if others:
+        typer.echo("")
+        apps(others)
     for r in rows:
         if r.start_estimate:
             typer.echo(

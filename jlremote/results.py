@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -30,6 +30,9 @@ class StartResult:
     job_reason: str = ""
     start_estimate: str = ""
     idle_timeout: str = ""  # --idle-timeout, as a duration (`2h`), "" for none
+    # --forward: the session's other apps, each {label, local_port, remote_port, url,
+    # target} (target: HOST:PORT as the tunnel's far end reaches it)
+    forwards: list[dict[str, object]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,6 +68,9 @@ class StatusRow:
     start_estimate: str = ""  # Slurm's estimated start of a queued job, if it has one
     ended: str = ""  # why the server ended by itself: `idle for 2h`, the job's time limit
     idle_timeout: str = ""
+    # --forward: as in StartResult, plus `answers` (whether the app answers HTTP now;
+    # null when the tunnel is not up or with --offline)
+    forwards: list[dict[str, object]] = field(default_factory=list)
     # The login node the server runs on (its host name), and whether HOST's name leads to
     # several, so that every connection for the session goes to that one (pinned).
     login_node: str = ""
@@ -139,6 +145,19 @@ class DoctorResult:
             "exit_code": self.exit_code,
             "checks": [c.to_json() for c in self.checks],
         }
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """A session's other apps after `forward` (ADDED: the one it added, if it did)."""
+
+    name: str
+    host: str
+    forwards: list[dict[str, object]]
+    added: dict[str, object] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import TypeVar
 from jlremote import browser, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
-from jlremote.state import Session, StateStore
+from jlremote.state import AppForward, Session, StateStore, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,52 @@ def pin(store: StateStore | None, session: Session) -> Session:
                     current, server=replace(current.server, pinned=True)
                 )
     return session
+
+
+def add_apps(cfg: ssh.SshConfig, session: Session, master: Tunnel) -> None:
+    """Forward SESSION's other apps again over MASTER (a re-opened tunnel), on the same
+    local ports. One that cannot be (its port taken meanwhile) is said, not fatal."""
+    for app in session.forwards:
+        try:
+            tunnel.forward(
+                cfg, session.host, master, app.local_port, session.app_target(app.remote_port)
+            )
+        except JlremoteError as exc:
+            log.warning("%s: %s: %s", session.name, app.label, exc.message)
+
+
+def new_apps(
+    cfg: ssh.SshConfig, session: Session, wanted: list[AppForward]
+) -> tuple[AppForward, ...]:
+    """WANTED forwarded too (a free local port for each without one) over SESSION's
+    tunnel when it is up (its keeper adds them at its next re-open otherwise); returns
+    SESSION's forwards with them. Nothing is forwarded unless all can be."""
+    added: list[AppForward] = []
+    taken = {a.local_port for a in session.forwards} | {session.tunnel.local_port}
+    try:
+        for app in wanted:
+            port = app.local_port or tunnel.pick_free_port(avoid=taken)
+            taken.add(port)
+            if tunnel.is_up(session.tunnel):
+                target = session.app_target(app.remote_port)
+                tunnel.forward(cfg, session.host, session.tunnel, port, target)
+            elif not tunnel.port_is_free(port):
+                raise JlremoteError(f"local port {port} is already in use", ExitCode.LOCAL_PORT)
+            added.append(replace(app, local_port=port))
+    except BaseException:
+        drop_apps(cfg, session, added)
+        raise
+    return (*session.forwards, *added)
+
+
+def drop_apps(cfg: ssh.SshConfig, session: Session, apps: list[AppForward]) -> None:
+    """Stop forwarding APPS (quietly: a tunnel that is down forwards nothing)."""
+    if not tunnel.is_up(session.tunnel):
+        return
+    for app in apps:
+        with contextlib.suppress(JlremoteError):
+            target = session.app_target(app.remote_port)
+            tunnel.forward(cfg, session.host, session.tunnel, app.local_port, target, cancel=True)
 
 
 def tunnel_state(session: Session) -> str:

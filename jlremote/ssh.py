@@ -188,11 +188,13 @@ def node_route_options(cfg: SshConfig, host: str) -> list[str]:
 
 
 def forward_argv(
-    cfg: SshConfig, host: str, path: str, local_port: int, target: Target
+    cfg: SshConfig, host: str, path: str, local_port: int, target: Target, cancel: bool = False
 ) -> list[str]:
-    """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`)."""
+    """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`), or
+    with CANCEL to stop (`ssh -O cancel`)."""
     spec = forward_spec(local_port, target)
-    return [*_mux_client(cfg, path), "-O", "forward", "-L", spec, "--", host]
+    op = "cancel" if cancel else "forward"
+    return [*_mux_client(cfg, path), "-O", op, "-L", spec, "--", host]
 
 
 def version_argv(cfg: SshConfig) -> list[str]:

@@ -26,7 +26,7 @@ from jlremote.ssh import Target
 log = logging.getLogger(__name__)
 
 # 2: Slurm fields (job_id, node, address, remote_host); 3: tunnel.node; 4: server.login,
-# login_addr, pinned; 5: phase, ended, notify, tty (a job queued with --no-wait)
+# login_addr, pinned; 5: phase, ended, notify, tty (a job queued with --no-wait), forwards
 SCHEMA_VERSION = 5
 STATE_FILE = "sessions.json"
 
@@ -89,6 +89,21 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class AppForward:
+    """Another web app of the session (TensorBoard, a dashboard) forwarded over the
+    tunnel's own connection: 127.0.0.1:LOCAL_PORT here to REMOTE_PORT beside the server
+    (the remote's loopback, or a job's node)."""
+
+    label: str
+    local_port: int
+    remote_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.local_port}/"
+
+
+@dataclass(frozen=True)
 class Session:
     """One running JupyterLab that jlremote started, as recorded locally."""
 
@@ -112,10 +127,18 @@ class Session:
     # it was queued from (for the bell, where there is no desktop notification).
     notify: bool = False
     tty: str = ""
+    forwards: tuple[AppForward, ...] = ()
 
     @property
     def queued(self) -> bool:
         return self.phase == "queued"
+
+    def app_target(self, remote_port: int) -> Target:
+        """Where a forward to REMOTE_PORT beside the server goes, as the tunnel's far end
+        sees it: its own loopback (the remote, or the job's node the connection ends at),
+        or the job's node's address behind the login host."""
+        beside = self.server.address if self.server.job_id and not self.tunnel.node else ""
+        return Target(port=remote_port, host=beside)
 
     @property
     def idle_timeout(self) -> str:
@@ -158,6 +181,7 @@ class Session:
             ended=str(data.get("ended", "")),
             notify=bool(data.get("notify", False)),
             tty=str(data.get("tty", "")),
+            forwards=tuple(AppForward(**f) for f in data.get("forwards", ())),
         )
 
 

@@ -281,7 +281,7 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
     server, t = session.server, session.tunnel
     unsure = bool(server.login and server.login_addr and not server.pinned)
     check = (remote.on_its_login if unsure else remote.proof_of)(use, session.host, server)
-    return tunnel.open_tunnel(
+    new = tunnel.open_tunnel(
         use,
         session.host,
         server.session_id,
@@ -291,6 +291,8 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
         check=check,
         node=t.node,
     )
+    lifecycle.add_apps(use, session, new)  # the other apps, on their same local ports
+    return new
 
 
 def main() -> None:

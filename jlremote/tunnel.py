@@ -37,11 +37,14 @@ def preload() -> None:
 log = logging.getLogger(__name__)
 
 
-def pick_free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pick_free_port(avoid: set[int] | None = None) -> int:
+    """A port on 127.0.0.1 that nothing listens on right now (and not one of AVOID)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not avoid or port not in avoid:
+            return port
 
 
 def port_is_free(port: int) -> bool:
@@ -123,19 +126,7 @@ def add_forward(
     target: ssh.Target,
 ) -> Tunnel:
     """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to TARGET."""
-    done = proc.run(
-        ssh.forward_argv(cfg, host, master.control_path, local_port, target),
-        timeout=15,
-        what="adding the forward",
-    )
-    if done.returncode != 0:
-        if not port_is_free(local_port):
-            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
-        last = done.stderr.strip().splitlines()
-        raise JlremoteError(
-            f"could not forward local port {local_port}: {last[-1] if last else 'ssh failed'}",
-            ExitCode.TUNNEL,
-        )
+    forward(cfg, host, master, local_port, target)
     return replace(
         master,
         local_port=local_port,
@@ -143,6 +134,42 @@ def add_forward(
         remote_socket=target.socket,
         remote_host=target.host,
     )
+
+
+def forward(
+    cfg: ssh.SshConfig,
+    host: str,
+    master: Tunnel,
+    local_port: int,
+    target: ssh.Target,
+    cancel: bool = False,
+) -> None:
+    """One more forward over the master's connection (`ssh -O forward`: no new connection),
+    or with CANCEL, one less."""
+    done = proc.run(
+        ssh.forward_argv(cfg, host, master.control_path, local_port, target, cancel),
+        timeout=15,
+        what="removing the forward" if cancel else "adding the forward",
+    )
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()
+        said = last[-1] if last else "ssh failed"
+        if cancel:
+            raise JlremoteError(f"could not stop forwarding port {local_port}: {said}")
+        if not port_is_free(local_port):
+            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
+        raise JlremoteError(f"could not forward local port {local_port}: {said}", ExitCode.TUNNEL)
+
+
+def answers_http(port: int, timeout: float = 1.0) -> bool:
+    """Whether something answers HTTP on 127.0.0.1:PORT (any status line counts)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(b"HEAD / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            return s.recv(5) == b"HTTP/"
+    except OSError:
+        return False
 
 
 def open_tunnel(

@@ -23,12 +23,19 @@ from pathlib import Path
 from jlremote import remote, scripts, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
-from jlremote.options import StartOptions, Transport, launch_options, seconds, validate
+from jlremote.options import (
+    StartOptions,
+    Transport,
+    launch_options,
+    parse_forwards,
+    seconds,
+    validate,
+)
 from jlremote.paths import state_dir
 from jlremote.proc import Owned
 from jlremote.results import StartResult
 from jlremote.scripts import Rc
-from jlremote.state import RemoteServer, Session, StateStore, Tunnel
+from jlremote.state import AppForward, RemoteServer, Session, StateStore, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,10 @@ def start(opts: StartOptions) -> StartResult:
                 reused = _reuse(cfg, store, existing, opts)
                 if reused is not None:
                     _other_options(existing, opts)
+                    if opts.forwards:
+                        _more_apps(cfg, store, opts)
+                        current = store.read()[name]
+                        reused = replace(reused, forwards=_apps_of(current))
                     return reused
         if existing is None or not existing.queued:
             if opts.no_wait:
@@ -73,6 +84,56 @@ def start(opts: StartOptions) -> StartResult:
     # then reuse the session as any running one.
     await_queued(store, name, opts.wait, opts.progress)
     return start(opts)
+
+
+def _wanted_apps(opts: StartOptions) -> list[AppForward]:
+    """The --forward apps, as records (local port 0: a free one, picked when forwarded)."""
+    return [
+        AppForward(f.label, f.local_port, f.remote_port)
+        for f in parse_forwards(opts.forwards or [])
+    ]
+
+
+def _check_app_ports(opts: StartOptions) -> None:
+    """The local ports --forward names must be free (and not --local-port)."""
+    for app in _wanted_apps(opts):
+        if app.local_port and app.local_port == opts.local_port:
+            raise JlremoteError(
+                f"--forward {app.label}: local port {app.local_port} is the session's own "
+                "--local-port",
+                ExitCode.USAGE,
+            )
+        if app.local_port:
+            tunnel.require_free_port(app.local_port)
+
+
+def _more_apps(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> None:
+    """A live session reused: the --forward apps it does not forward yet are added."""
+    session = store.read().get(str(opts.name))
+    if session is None or not opts.forwards:
+        return
+    have = {a.remote_port: a for a in session.forwards}
+    labels = {a.label: a for a in session.forwards}
+    wanted = []
+    for app in _wanted_apps(opts):
+        if app.remote_port in have:
+            continue
+        if app.label in labels:
+            raise JlremoteError(
+                f"--forward: the label {app.label!r} already names port "
+                f"{labels[app.label].remote_port} of session {session.name!r}",
+                ExitCode.USAGE,
+            )
+        wanted.append(app)
+    if not wanted:
+        return
+    for app in wanted:
+        if app.local_port:
+            tunnel.require_free_port(app.local_port)
+    forwards = lifecycle.new_apps(lifecycle.config_for(cfg, session), session, wanted)
+    with store.transaction() as sessions:
+        if str(opts.name) in sessions:
+            sessions[str(opts.name)] = replace(sessions[str(opts.name)], forwards=forwards)
 
 
 def _other_options(existing: Session, opts: StartOptions) -> None:
@@ -102,7 +163,15 @@ def _result(session: Session, reused: bool, reopened: bool, attached: bool = Fal
         job_id=session.server.job_id,
         node=session.server.node,
         idle_timeout=session.idle_timeout,
+        forwards=_apps_of(session),
     )
+
+
+def _apps_of(session: Session) -> list[dict[str, object]]:
+    """SESSION's other apps as `start --json` lists them (not asked whether they answer)."""
+    from jlremote.commands.forward import apps
+
+    return [{k: v for k, v in a.items() if k != "answers"} for a in apps(session, ask=False)]
 
 
 def _queued_result(session: Session, job: slurm.JobState) -> StartResult:
@@ -258,6 +327,7 @@ def _reopen_once(cfg: ssh.SshConfig, session: Session, local_port: int, timeout:
         node=session.tunnel.node,
     )
     try:
+        lifecycle.add_apps(cfg, session, t)
         tunnel.wait_for_api(local_port, session.server.base_url, session.token, timeout, logfile)
     except BaseException:
         tunnel.close_tunnel(t)
@@ -366,6 +436,7 @@ Backend = Callable[[_Tx], RemoteServer]
 def _fresh(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartResult:
     if opts.local_port is not None:
         tunnel.require_free_port(opts.local_port)
+    _check_app_ports(opts)
     if opts.slurm:
         return _transaction(cfg, store, opts, _launch_slurm)
     if opts.transport != Transport.AUTO:
@@ -435,6 +506,10 @@ def _finish(tx: _Tx, server: RemoteServer, queued: Session | None = None) -> Ses
     )
     if tx.pinned:
         session = replace(session, server=replace(server, pinned=True))
+    wanted = list(queued.forwards) if queued is not None else _wanted_apps(opts)
+    if wanted:
+        opts.progress("forwarding " + ", ".join(a.label for a in wanted))
+        session = replace(session, forwards=lifecycle.new_apps(tx.cfg, session, wanted))
     opts.progress("verifying the URL")
     tunnel.wait_for_api(
         local_port, server.base_url, tx.token, timeout=_verify_time(opts), log_path=tx.logfile
@@ -693,6 +768,7 @@ WAIT_TICK = 0.25
 
 def _queue(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartResult:
     """Submit the job, record the session as queued, give it its supervisor."""
+    _check_app_ports(opts)
     with contextlib.ExitStack() as undo:
         tx = _Tx(cfg, store, opts, undo)
         undo.callback(lambda: lifecycle.release_if_unused(cfg, store, tx.host))
@@ -719,6 +795,7 @@ def _queue(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartRe
             phase="queued",
             notify=opts.notify,
             tty=_own_tty(),
+            forwards=tuple(_wanted_apps(opts)),
         )
         with store.transaction() as sessions:
             sessions[tx.name] = session

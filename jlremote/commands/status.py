@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from jlremote import remote, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
+from jlremote.commands.forward import apps
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
@@ -110,6 +111,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 start_estimate=job.start if job.queued else "",
                 ended=why,
                 idle_timeout=s.idle_timeout,
+                forwards=apps(s, ask=not offline and state == "up"),
                 login_node=s.server.login_name,
                 pinned=s.server.pinned,
             )

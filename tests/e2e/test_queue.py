@@ -46,7 +46,9 @@ def notified(jl: Jl, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def blocker(cluster: Cluster) -> Iterator[str]:  # noqa: F811
     """A job (root's) that takes the whole node, so the next job pends (Resources)."""
-    out = cluster.run("sbatch", "--parsable", "-c", "2", "-t", "10", "--wrap", "sleep 600")
+    out = cluster.run(
+        "sbatch", "--parsable", "-c", "2", "-t", "10", "-o", "/dev/null", "--wrap", "sleep 600"
+    )
     job = out.stdout.strip()
     assert job.isdigit(), out.stderr
     wait_until(lambda: cluster.job_state(job) == "RUNNING", 30, "the blocker to run")

@@ -101,6 +101,12 @@ def test_tunnel_argv() -> None:
         "--",
         "gpubox",
     ]
+    # Another app of the session, to a job's node behind the login host; and its end.
+    app = ssh.Target(6006, host="10.1.2.7")
+    assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9001, app, cancel=True) == [
+        "/usr/bin/ssh", "-F", "/dev/null", "-o", "ControlPath=/run/jl/tun-ab",
+        "-O", "cancel", "-L", "127.0.0.1:9001:10.1.2.7:6006", "--", "gpubox",
+    ]  # fmt: skip
     assert ssh.check_master_argv(CFG, "gpubox", "/run/jl/tun-ab") == [
         "/usr/bin/ssh",
         "-F",
