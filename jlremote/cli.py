@@ -156,7 +156,7 @@ def _start(**given: Any) -> None:
         finally:
             line.close()  # before any error is printed
 
-    opts = options.StartOptions(host=host, **values, progress=line.step)
+    opts = options.StartOptions(host=host, **values, progress=line.step, confirm=_confirm(line))
     result: StartResult = _guarded(run, opts)
     _started(result, opts.open_browser, as_json)
 
@@ -176,6 +176,19 @@ def _started(result: Any, open_browser: bool | None, as_json: bool) -> None:
         render.print_json(result.to_json())
     elif not result.queued:
         typer.echo(result.url)
+
+
+def _confirm(line: Any) -> Any:
+    """A yes/no question for `start`, asked only with a terminal on stdin and stderr
+    (in a script the answer is no)."""
+
+    def ask(question: str) -> bool:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            return False
+        line.close()
+        return bool(typer.confirm(f"jlremote: {question}", default=False, err=True))
+
+    return ask
 
 
 def _start_signature() -> inspect.Signature:
@@ -226,6 +239,62 @@ def _start_signature() -> inspect.Signature:
 _start.__signature__ = _start_signature()  # type: ignore[attr-defined]
 _start.__annotations__ = {}
 app.command("start")(_start)
+
+
+@app.command()
+def install(
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="The host, as you would give it to `start`.",
+            autocompletion=completion.hosts,
+            show_default=False,
+        ),
+    ],
+    as_json: Json = False,
+    verbose: Verbose = False,
+) -> None:
+    """Set up a private JupyterLab for you on HOST, under ~/.jlremote/lab (nothing outside
+    your home), for when `jupyter` is not on its PATH: its wheels are fetched here for
+    HOST's Python and platform (and cached), copied over ssh and installed with no network
+    on HOST. Prints where. `start` then uses it by itself."""
+    _setup_logging(verbose)
+    from jlremote import install as installer
+    from jlremote.progress import ProgressLine
+
+    line = ProgressLine(enabled=not log.isEnabledFor(logging.DEBUG) and sys.stderr.isatty())
+
+    def run() -> Any:
+        try:
+            return installer.standalone(host, lambda cfg: installer.install(cfg, host, line.step))
+        finally:
+            line.close()
+
+    done = _guarded(run)
+    if as_json:
+        render.print_json(done.to_json())
+    else:
+        typer.echo(done.path)
+
+
+@app.command()
+def uninstall(
+    host: Annotated[
+        str,
+        typer.Argument(
+            help="The host, as you would give it to `start`.",
+            autocompletion=completion.hosts,
+            show_default=False,
+        ),
+    ],
+    verbose: Verbose = False,
+) -> None:
+    """Remove the private JupyterLab from HOST (~/.jlremote/lab). Refused while a server
+    runs from it; quiet when there is none."""
+    _setup_logging(verbose)
+    from jlremote import install as installer
+
+    _guarded(installer.standalone, host, lambda cfg: installer.uninstall(cfg, host))
 
 
 @app.command()

@@ -58,6 +58,10 @@ def _quiet(_step: str) -> None:
     pass
 
 
+def _no(_question: str) -> bool:
+    return False
+
+
 Progress = Callable[[str], None]
 
 
@@ -192,8 +196,16 @@ class StartOptions:
         "the server (with --slurm, on its node); LOCAL is a free local port unless given.",
         forwards=True,
     )
+    install: bool = _opt(
+        False,
+        "--install/--no-install",
+        help="Where `jupyter` is not on the remote's PATH, set up a private JupyterLab "
+        "under ~/.jlremote/lab there (no internet needed there) without asking.",
+    )
     # Told each step as it begins (a live line on a terminal); not an option.
     progress: Progress = field(default=_quiet, compare=False, repr=False)
+    # Asked a yes/no question (at a terminal); not an option. Without one: no.
+    confirm: Callable[[str], bool] = field(default=_no, compare=False, repr=False)
 
     @property
     def wait(self) -> float:

@@ -126,13 +126,14 @@ def run(
     argv: list[str],
     *,
     timeout: float,
-    stdin_text: str | None = None,
+    stdin_text: str | bytes | None = None,
     output_file: Path | None = None,
     what: str = "command",
 ) -> Completed:
     """Run `argv` to completion and return its exit code and output.
 
-    `stdin_text` is written to its stdin (how secrets travel); otherwise stdin is /dev/null.
+    `stdin_text` is written to its stdin (how secrets travel, and the private installer's
+    wheels, as bytes); otherwise stdin is /dev/null.
     With `output_file`, stdout and stderr go to that file instead of pipes: needed for
     `ssh -f`, whose background child keeps them open long after the parent has returned.
     A process still running after `timeout` seconds is killed and reported as a JlremoteError.
@@ -140,6 +141,7 @@ def run(
     log.debug("run: %s", shown(argv))
     # With input=..., subprocess makes the stdin pipe itself.
     stdin = None if stdin_text is not None else subprocess.DEVNULL
+    data = stdin_text.encode() if isinstance(stdin_text, str) else stdin_text
     try:
         if output_file is not None:
             with open(output_file, "ab") as out:
@@ -149,7 +151,7 @@ def run(
                     stdout=out,
                     stderr=out,
                     timeout=timeout,
-                    input=None if stdin_text is None else stdin_text.encode(),
+                    input=data,
                 )
             return Completed(argv, proc.returncode, "", "")
         proc = subprocess.run(
@@ -157,7 +159,7 @@ def run(
             stdin=stdin,
             capture_output=True,
             timeout=timeout,
-            input=None if stdin_text is None else stdin_text.encode(),
+            input=data,
         )
     except subprocess.TimeoutExpired:
         raise JlremoteError(

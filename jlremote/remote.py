@@ -40,7 +40,9 @@ OUTCOMES: dict[int, tuple[ExitCode, str]] = {
     Rc.NO_SOCKET: (ExitCode.SERVER, ""),
     Rc.SLURM_SILENT: (ExitCode.ERROR, ""),
     Rc.ELSEWHERE: (ExitCode.CONNECT, ""),
-    Rc.NO_PYTHON: (ExitCode.REMOTE_ENV, "--idle-timeout needs python3 there, or leave it out"),
+    Rc.NO_PYTHON: (ExitCode.REMOTE_ENV, ""),
+    Rc.INSTALL_FAILED: (ExitCode.REMOTE_ENV, ""),
+    Rc.IN_USE: (ExitCode.REMOTE_ENV, ""),
     Rc.NOT_FOUND: (ExitCode.REMOTE_ENV, _ON_PATH),
 }
 
@@ -70,7 +72,7 @@ def run_script(
     script: scripts.Script,
     timeout: float,
     what: str,
-    stdin_text: str | None = None,
+    stdin_text: str | bytes | None = None,
     via: str = "",
 ) -> proc.Completed:
     """Run SCRIPT on HOST through jlremote's shared connection (or, with VIA, through the
@@ -253,6 +255,15 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
         log.info("attaching to the running session %s on %s", spec.name, host)
         return Launched(server_of(report), attached_token=report.token)
     report = replace(report_of(reply.head), session_id=spec.session_id, kind=spec.subcommand)
+    private = reply.head.get("PRIVATE")
+    if private == "own":
+        log.warning(
+            "%s: the private JupyterLab's kernel is its own Python; for your environment's "
+            "packages, give --env that activates one with ipykernel (pip install ipykernel)",
+            host,
+        )
+    elif private == "env":
+        log.info("%s: the private JupyterLab, with your --env Python as its kernel", host)
     if spec.transport == "tcp" and report.port == 0:
         # jupyter_server < 2.20 advertises port 0 when asked for a random one.
         stop(

@@ -51,6 +51,8 @@ class Rc(IntEnum):
     SLURM_SILENT = 92
     ELSEWHERE = 93
     NO_PYTHON = 94
+    INSTALL_FAILED = 95
+    IN_USE = 96
     NOT_FOUND = 127
 
 

@@ -43,6 +43,7 @@ class DoctorReport:
     free_kb: int | None = None
     env_failed: bool = False
     jupyter: str = ""
+    private: bool = False  # the private JupyterLab of `jlremote install`
     versions: dict[str, str] | None = None
     sessions: tuple[str, ...] = ()
     slurm_missing: tuple[str, ...] = ()  # of sbatch, squeue, scancel
@@ -63,6 +64,7 @@ def read_doctor(reply: protocol.Reply) -> DoctorReport:
         free_kb=int(free) if free.isdigit() else None,
         env_failed=head.has("ENV-FAILED"),
         jupyter=head.get("JUPYTER").strip(),
+        private=head.get("PRIVATE") == "1",
         versions=versions,
         sessions=tuple(entry.name for entry in entries_of(reply)),
         slurm_missing=tuple(missing),
@@ -200,7 +202,13 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
         )
     elif not report.jupyter:
         add(
-            Check("jupyter", "fail", f"'{opts.jupyter}' not found on the remote", hint),
+            Check(
+                "jupyter",
+                "fail",
+                f"'{opts.jupyter}' not found on the remote",
+                hint + f"; or `jlremote install {host}` (a private JupyterLab; no internet "
+                "needed there)",
+            ),
             ExitCode.REMOTE_ENV,
         )
     else:
@@ -222,7 +230,8 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
                 ExitCode.REMOTE_ENV,
             )
         else:
-            add(Check("jupyter", "ok", f"{report.jupyter}: {shown}"))
+            private = " (private JupyterLab, `jlremote install`)" if report.private else ""
+            add(Check("jupyter", "ok", f"{report.jupyter}{private}: {shown}"))
 
     if report.free_kb is None:
         add(Check("disk", "skip", "could not read free space in the remote home", required=False))

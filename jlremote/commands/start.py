@@ -437,6 +437,36 @@ def _fresh(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartRe
     if opts.local_port is not None:
         tunnel.require_free_port(opts.local_port)
     _check_app_ports(opts)
+    try:
+        return _new_server(cfg, store, opts)
+    except JlremoteError as exc:
+        if exc.remote_code != Rc.NOT_FOUND or opts.jupyter != "jupyter":
+            raise
+        _offer_install(cfg, opts)
+    return _new_server(cfg, store, opts)  # the launch finds the private JupyterLab now
+
+
+def _offer_install(cfg: ssh.SshConfig, opts: StartOptions) -> None:
+    """`jupyter` is not on HOST's PATH: set up the private JupyterLab with --install, or
+    when the user says yes at a terminal; otherwise say how (exit 6), installing nothing."""
+    from jlremote import install
+
+    where = f"~/.jlremote/lab on {opts.host}"
+    question = (
+        f"jupyter is not on the PATH on {opts.host}. Install a private JupyterLab into "
+        f"{where} ({install.SIZE_WORDS}, nothing outside your home; no internet needed "
+        "there)?"
+    )
+    if not opts.install and not opts.confirm(question):
+        raise JlremoteError(
+            f"jupyter not found on {opts.host}; add --install to set up a private JupyterLab "
+            f"in {where} (or `jlremote install {opts.host}`), or point --env/--jupyter at yours",
+            ExitCode.REMOTE_ENV,
+        )
+    install.install(cfg, opts.host, opts.progress)
+
+
+def _new_server(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartResult:
     if opts.slurm:
         return _transaction(cfg, store, opts, _launch_slurm)
     if opts.transport != Transport.AUTO:

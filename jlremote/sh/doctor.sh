@@ -14,6 +14,11 @@ report OS "$(uname -sr 2>/dev/null)"
 report DF "$(df -Pk "$HOME" 2>/dev/null | awk 'NR==2 {print $4}')"
 { eval "$env"; } </dev/null >/dev/null 2>&1 || echo JLREMOTE-ENV-FAILED
 p=$(command -v "$jupyter" 2>/dev/null)
+# The default jupyter not on the PATH: the private JupyterLab (`jlremote install`), if any.
+if [ -z "$p" ] && [ "$jupyter" = jupyter ] && p=$(private_jupyter); then
+  jupyter=$p
+  report PRIVATE 1
+fi
 report JUPYTER "$p"
 if [ -n "$p" ]; then
   "$jupyter" --version 2>/dev/null | sed -n 's/^\([a-z_]*\) *: *\(.*\)$/JLREMOTE-V \1 \2/p'

@@ -39,6 +39,10 @@ while IFS= read -r a; do set -- "$@" "$a"; done <"$d/job.argv"
 dir=$(cat "$d/job.dir")
 { eval "$(cat "$d/job.env")"; } </dev/null || job_fail "$RC_ENV_FAILED" 'the --env snippet failed in the job'
 cd "$(remote_path "$dir")" || job_fail "$RC_NO_DIR" "remote directory not found: $dir"
+if [ "$1" = jupyter ] && ! command -v jupyter >/dev/null 2>&1 && p=$(private_jupyter); then
+  shift
+  set -- "$p" "$@"
+fi
 command -v "$1" >/dev/null 2>&1 || job_fail "$RC_NOT_FOUND" "'$1' not found on the compute node"
 # The client says how it reaches this node (route.sh): `sock` when its ssh gets here
 # through the login host (a private socket), `tcp` otherwise. It has job.route_wait

@@ -24,13 +24,17 @@ umask 077
   RC_NO_SOCKET=91       # the server could not serve on a Unix socket
   RC_SLURM_SILENT=92    # Slurm did not answer about a job
   RC_ELSEWHERE=93       # this is another login node than the session's
-  RC_NO_PYTHON=94       # no python3 on the remote for --idle-timeout's watcher
+  RC_NO_PYTHON=94       # no (usable) python3 on the remote
+  RC_INSTALL_FAILED=95  # the private JupyterLab could not be installed
+  RC_IN_USE=96          # the private JupyterLab runs a server: not removed
   RC_NOT_FOUND=127      # jupyter not found (the shell's own code for it)
 
   SESSIONS=$HOME/.jlremote/sessions
   # Why a session's server ended by itself (idle, the job's time limit): ENDED/SESSION,
   # kept past its session directory until the client has been told (stop removes it).
   ENDED=$HOME/.jlremote/ended
+  # The private JupyterLab (`jlremote install`): LAB/NAME/venv, complete once LAB/NAME/ok is.
+  LAB=$HOME/.jlremote/lab
   LOG_TAIL=15
   # A kernel's sockets are RUNTIME/kernel-<uuid>-ipc-<n>: 51 bytes after the directory, and
   # a Unix socket address holds 107. A longer session directory (a deep home) gets a short
@@ -89,6 +93,20 @@ stop_watcher() {
   [ -f "$1/watcher.pid" ] || return 0
   w=$(cat "$1/watcher.pid")
   case "$(ps -ww -o args= -p "$w" 2>/dev/null)" in *" $1/idle.py "*) kill "$w" 2>/dev/null ;; esac
+}
+
+# private_jupyter: the jupyter of a complete private JupyterLab that runs here (the home
+# may be shared by machines of other kinds: its Python must start).
+private_jupyter() {
+  for ok in "$LAB"/*/ok; do
+    [ -f "$ok" ] || continue
+    t=${ok%/ok}
+    if "$t/venv/bin/python" -c '' 2>/dev/null && [ -x "$t/venv/bin/jupyter" ]; then
+      printf '%s\n' "$t/venv/bin/jupyter"
+      return 0
+    fi
+  done
+  return 1
 }
 
 # check_id ID: session (and probe) ids are lowercase hex only: they name files.

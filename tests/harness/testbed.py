@@ -109,6 +109,8 @@ class Testbed:
     nosock_pid: int = 0
     # Another unprivileged user on the remote (root only), for privacy checks.
     other_user: str = ""
+    # Accounts with python3 but no Jupyter on their PATH (the private installer's, #15).
+    bare_users: tuple[str, ...] = ()
     # A user whose home directory is 100 characters long (root only), as on clusters.
     deep_user: str = ""
     # A local port that the `remote-fwd` alias's own LocalForward asks for (a test holds it).
@@ -180,7 +182,8 @@ class Testbed:
         """PIDs of every process the remote users (ours and the deep-home one) run, except
         sshd's own."""
         pids = []
-        uids = {pwd.getpwnam(u).pw_uid for u in (self.user, self.deep_user) if u}
+        users = (self.user, self.deep_user, *self.bare_users)
+        uids = {pwd.getpwnam(u).pw_uid for u in users if u}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -244,6 +247,10 @@ class Testbed:
                 Path(deep).parent.mkdir(mode=0o755, parents=True)
                 _run(["useradd", "-m", "-d", deep, "-s", "/bin/bash", bed.deep_user])
                 _run(["usermod", "-p", "*", bed.deep_user])
+                bed.bare_users = (f"jlb{tag}", f"jlc{tag}")
+                for bare in bed.bare_users:
+                    _run(["useradd", "-m", "-s", "/bin/bash", bare])
+                    _run(["usermod", "-p", "*", bare])
                 bed.nosock_port = 2222
             else:
                 bed.user = pwd.getpwuid(os.getuid()).pw_name
@@ -277,7 +284,7 @@ class Testbed:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key, "-f", str(w / key)])
         keys = w / "authorized_keys"
         keys.mkdir(mode=0o755, exist_ok=True)
-        for user in filter(None, (self.user, self.deep_user)):
+        for user in filter(None, (self.user, self.deep_user, *self.bare_users)):
             (keys / user).write_text((w / "client_key.pub").read_text())
             os.chmod(keys / user, 0o644)
         pub = (w / "host_key.pub").read_text().split()
@@ -288,6 +295,13 @@ class Testbed:
         )
         (w / "known_hosts_wrong").write_text(f"{name} {wrong[0]} {wrong[1]}\n")
         path = f"{self.remote_venv}/bin:/usr/local/bin:/usr/bin:/bin"
+        users = " ".join(filter(None, (self.user, self.deep_user, *self.bare_users)))
+        # The bare accounts: Debian's python3 on their PATH, no Jupyter anywhere on it.
+        bare = (
+            f"Match User {','.join(self.bare_users)}\n  SetEnv PATH=/usr/bin:/bin\n"
+            if self.bare_users
+            else ""
+        )
         for conf, port, streamlocal in (
             ("sshd_config", self.port, "yes"),
             ("sshd_config_nosock", self.nosock_port, "no"),
@@ -298,13 +312,13 @@ class Testbed:
                 "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "PubkeyAuthentication yes\nPermitRootLogin no\nUsePAM no\n"
                 f"AllowTcpForwarding yes\nAllowStreamLocalForwarding {streamlocal}\n"
-                f"X11Forwarding no\nPrintMotd no\nAllowUsers {self.user} {self.deep_user}\n"
+                f"X11Forwarding no\nPrintMotd no\nAllowUsers {users}\n"
                 "LogLevel VERBOSE\nAllowAgentForwarding yes\n"
                 # SLURM_CONF: the test cluster's (tests/harness/slurmbed.py), if one is started.
                 f"SetEnv PATH={path} SLURM_CONF={w}/slurm/slurm.conf\n"
                 "MaxStartups 100\nMaxSessions 100\n"
                 # The work dir lives under /tmp (mode 1777), which StrictModes rejects.
-                "StrictModes no\n"
+                "StrictModes no\n" + bare
             )
         key = f"  IdentityFile {w}/client_key\n"
         common = (
@@ -332,6 +346,12 @@ class Testbed:
             f"  LocalForward 127.0.0.1:{self.busy_port} 127.0.0.1:22\n  ForwardAgent yes\n"
             f"{common}"
         )
+        for alias, bare in zip(("bare", "bare2"), self.bare_users, strict=False):
+            with (w / "ssh_config").open("a") as f:
+                f.write(
+                    f"Host {alias}\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
+                    + common.replace(f"User {self.user}", f"User {bare}")
+                )
         if self.deep_user:
             (w / "ssh_config").open("a").write(
                 f"Host {ALIAS}-deep\n  HostName {self.remote_ip}\n  Port {self.port}\n{key}"
@@ -369,7 +389,9 @@ class Testbed:
 
     @classmethod
     def load(cls, workdir: Path) -> Testbed:
-        return cls(**json.loads((workdir / "testbed.json").read_text()))
+        data = json.loads((workdir / "testbed.json").read_text())
+        data["bare_users"] = tuple(data.get("bare_users", ()))
+        return cls(**data)
 
     def kill_local_ssh(self, marker: str | None = None) -> list[int]:
         """Kill every local ssh process that uses this testbed's config (tunnels), or whose
@@ -436,6 +458,9 @@ class Testbed:
             _run(["pkill", "-KILL", "-u", self.deep_user], check=False)
             _run(["userdel", "-r", "-f", self.deep_user], check=False)
             shutil.rmtree(deep_top, ignore_errors=True)
+        for bare in self.bare_users:
+            _run(["pkill", "-KILL", "-u", bare], check=False)
+            _run(["userdel", "-r", "-f", bare], check=False)
         if self.other_user:
             _run(["pkill", "-KILL", "-u", self.other_user], check=False)
             _run(["userdel", "-r", "-f", self.other_user], check=False)

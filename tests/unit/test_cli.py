@@ -109,7 +109,7 @@ def test_config_show_names_every_key_and_its_source(cli: Jl, tmp_path: Path) -> 
     assert shown["transport"] == {"value": "auto", "source": "default"}
     assert set(shown) == {
         "notebook", "port", "local_port", "dir", "env", "jupyter", "allow_root", "open",
-        "timeout", "transport", "slurm", "sbatch", "notify", "idle_timeout", "forwards",
+        "timeout", "transport", "slurm", "sbatch", "notify", "idle_timeout", "forwards", "install",
     }  # fmt: skip
 
 

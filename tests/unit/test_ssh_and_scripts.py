@@ -277,7 +277,7 @@ def test_launch_gets_every_value_as_an_argument_and_never_the_token() -> None:
     idle = scripts.launch(replace(spec, idle_seconds=5400, idle_label="1h30m"))
     assert idle.args[9] == "5400 1h30m" and idle.args[10] == scripts.source("idle.py")
     assert idle.args[11:] == script.args[11:]
-    assert HOSTILE not in script.text and "venv" not in script.text
+    assert HOSTILE not in script.text and "~/venv/bin/activate" not in script.text
     assert "read -r t" in script.text  # the token from stdin...
     # ... into a 0600 file the server reads, not into the environment kernels inherit
     assert 'export JUPYTER_TOKEN_FILE="$d/token" JUPYTER_RUNTIME_DIR="$rt"' in script.text
