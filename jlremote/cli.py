@@ -38,6 +38,26 @@ Verbose = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
+SessionName = Annotated[
+    str | None,
+    typer.Argument(
+        help="The session (optional when there is only one).",
+        autocompletion=completion.sessions,
+        show_default=False,
+    ),
+]
+
+
+HostName = Annotated[
+    str,
+    typer.Argument(
+        help="The host, as you would give it to `start`.",
+        autocompletion=completion.hosts,
+        show_default=False,
+    ),
+]
+
+
 def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger("jlremote")
     if verbose:
@@ -243,14 +263,7 @@ app.command("start")(_start)
 
 @app.command()
 def install(
-    host: Annotated[
-        str,
-        typer.Argument(
-            help="The host, as you would give it to `start`.",
-            autocompletion=completion.hosts,
-            show_default=False,
-        ),
-    ],
+    host: HostName,
     as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
@@ -279,14 +292,7 @@ def install(
 
 @app.command()
 def uninstall(
-    host: Annotated[
-        str,
-        typer.Argument(
-            help="The host, as you would give it to `start`.",
-            autocompletion=completion.hosts,
-            show_default=False,
-        ),
-    ],
+    host: HostName,
     verbose: Verbose = False,
 ) -> None:
     """Remove the private JupyterLab from HOST (~/.jlremote/lab). Refused while a server
@@ -299,14 +305,7 @@ def uninstall(
 
 @app.command()
 def wait(
-    name: Annotated[
-        str | None,
-        typer.Argument(
-            help="The session (optional when there is only one).",
-            autocompletion=completion.sessions,
-            show_default=False,
-        ),
-    ] = None,
+    name: SessionName = None,
     timeout: Annotated[
         float | None,
         typer.Option(
@@ -350,14 +349,7 @@ def wait(
 
 @app.command()
 def forward(
-    name: Annotated[
-        str | None,
-        typer.Argument(
-            help="The session (optional when there is only one).",
-            autocompletion=completion.sessions,
-            show_default=False,
-        ),
-    ] = None,
+    name: SessionName = None,
     port: Annotated[
         str | None,
         typer.Argument(
@@ -468,16 +460,6 @@ def stop(
         render.print_json([r.to_json() for r in outcome.results])
     if outcome.failure is not None:
         raise _fail(outcome.failure)
-
-
-SessionName = Annotated[
-    str | None,
-    typer.Argument(
-        help="The session (optional when there is only one).",
-        autocompletion=completion.sessions,
-        show_default=False,
-    ),
-]
 
 
 @app.command()

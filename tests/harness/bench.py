@@ -255,7 +255,31 @@ class Bench:
 
         ver = [timed(lambda: self.jl("--version")) for _ in range(RUNS)]
         self.row("jlremote --version", ver, None, 0.15, "seconds")
+        self.private()
         self.slurm()
+
+    def private(self) -> None:
+        """The private JupyterLab (#15) on an account with python3 and no Jupyter: the
+        first install (wheels fetched here, then from the local cache), and later cold
+        starts with it against cold starts of a JupyterLab on the PATH (root only)."""
+        if not self.bed.bare_users:
+            return
+        self.env["XDG_CACHE_HOME"] = str(Path(self.bed.workdir) / "bench-cache")
+        fetched = timed(lambda: self.jl("install", "bare"))
+        self.jl("uninstall", "bare")
+        cached = timed(lambda: self.jl("install", "bare"))
+        self.row("private JupyterLab: first install, wheels fetched", [fetched], None, 0, "info")
+        self.row("private JupyterLab: install, wheels from the cache", [cached], None, 0, "info")
+        self.jl("start", "bare", "--no-open")  # warm-up
+        self.jl("stop", "bare")
+        ours, normal = [], []
+        for _ in range(RUNS):
+            normal.append(timed(lambda: self.jl("start", ALIAS, "--no-open")))
+            self.jl("stop", ALIAS)
+            ours.append(timed(lambda: self.jl("start", "bare", "--no-open")))
+            self.jl("stop", "bare")
+        self.row("cold start, private JupyterLab", ours, normal, 1.10, "ratio")
+        self.row("  (baseline: cold start, JupyterLab on the PATH)", normal, None, 0, "info")
 
     def bare_job(self, cluster: Cluster) -> float:
         """By hand: sbatch (over one fresh ssh) a job that runs JupyterLab on the node's
