@@ -155,3 +155,48 @@ def test_an_interrupted_copy_leaves_nothing_a_start_would_use(
     again = jl("install", "bare2")  # and a new attempt works
     assert again.rc == 0, again.stderr
     assert len(complete(home)) == 1
+
+
+def test_at_a_terminal_start_asks_first(jl: Jl, bare: tuple[str, str]) -> None:
+    """stdin and stderr on a terminal: `start` says what it would install and where, and
+    asks; `n` installs nothing (exit 6)."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    home, _ = bare
+    assert jl("uninstall", "bare").rc == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jlremote", "start", "bare"],
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=jl.env,
+        text=True,
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"[y/N]" not in seen:
+        assert time.monotonic() < deadline, seen
+        if select.select([master], [], [], 1)[0]:
+            seen += os.read(master, 4096)
+    asked = seen.decode(errors="replace")
+    assert "Install a private JupyterLab into ~/.jlremote/lab on bare" in asked
+    assert "nothing outside your home" in asked
+    os.write(master, b"n\n")
+    rest = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096) if select.select([master], [], [], 30)[0] else b""
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        rest += chunk
+    os.close(master)
+    assert proc.wait(30) == 6
+    assert "add --install" in rest.decode(errors="replace")
+    assert lab_of(home) == []
