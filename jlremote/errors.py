@@ -30,6 +30,7 @@ class JlremoteError(Exception):
         code: ExitCode = ExitCode.ERROR,
         detail: str = "",
         remote_code: int = 0,
+        needs_user: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -38,6 +39,9 @@ class JlremoteError(Exception):
         self.detail = detail
         # The exit code of the remote script that failed (scripts.Rc), if one did.
         self.remote_code = remote_code
+        # A login that failed because it needs the user (a password or a one-time code)
+        # where nobody may be asked (BatchMode).
+        self.needs_user = needs_user
 
     def __str__(self) -> str:
         return self.message

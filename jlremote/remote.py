@@ -117,6 +117,23 @@ def warm(cfg: ssh.SshConfig, host: str, timeout: float) -> None:
         raise ssh.explain_failure(host, done.stderr)
 
 
+def warm_or_ask(cfg: ssh.SshConfig, host: str, timeout: float) -> bool:
+    """jlremote's control connection to HOST without a prompt (keys, an agent): True. A
+    host that asks for a password or a code: False, nothing asked yet (its one login is
+    then the tunnel's own connection). Anything else that needs the user (a key's
+    passphrase) is asked here, as before."""
+    try:
+        warm(replace(cfg, batch=True), host, timeout)
+        return True
+    except JlremoteError as exc:
+        if exc.needs_user:
+            return False
+        if exc.code != ExitCode.AUTH:
+            raise
+    warm(cfg, host, timeout)
+    return True
+
+
 def hello(cfg: ssh.SshConfig, host: str, timeout: float, via: str = "") -> tuple[str, str]:
     """Which login node a connection to HOST (with VIA: the master at that path) reaches,
     as `NAME BOOT_ID`, and at which address."""
@@ -235,9 +252,11 @@ class Launched:
     elsewhere: str = ""
 
 
-def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) -> Launched:
+def launch(
+    cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str, via: str = ""
+) -> Launched:
     """Start the server on `host` (or find the live one of that name); the token goes over
-    stdin, never into an argv."""
+    stdin, never into an argv. VIA: through the tunnel's own master at that path."""
     reply = ask(
         cfg,
         host,
@@ -246,6 +265,7 @@ def launch(cfg: ssh.SshConfig, host: str, spec: scripts.LaunchSpec, token: str) 
         what=f"starting the server on {host}",
         default=ExitCode.SERVER,
         stdin_text=token + "\n",
+        via=via,
     )
     if reply.entries:
         report = report_of(reply.entries[0])

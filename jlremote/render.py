@@ -156,7 +156,15 @@ def status(rows: list[StatusRow]) -> None:
             )
         if r.error:
             typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
-        if r.tunnel_error and r.tunnel != "up":
+        if r.tunnel == "needs login":
+            again = f"jlremote start {r.host}" + (f" --name {r.name}" if r.name != r.host else "")
+            typer.echo(
+                f"jlremote: {r.name}: the tunnel needs a new login ({r.host} asks for a "
+                f"password or a code; nothing asks in the background): `{again}` asks once "
+                "and re-opens it on the same port",
+                err=True,
+            )
+        elif r.tunnel_error and r.tunnel != "up":
             typer.echo(
                 f"jlremote: {r.name}: tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): "
                 f"{r.tunnel_error}",

@@ -139,7 +139,8 @@ def drop_apps(cfg: ssh.SshConfig, session: Session, apps: list[AppForward]) -> N
 
 def tunnel_state(session: Session) -> str:
     """`up` (its ssh runs), `reconnecting` (its supervisor is re-opening it), `failed`
-    (the supervisor gave up), `down`, or `none` (a queued job: no server yet)."""
+    (the supervisor gave up), `needs login` (re-opening it would prompt: `start` asks),
+    `down`, or `none` (a queued job: no server yet)."""
     if session.phase != "running":
         return "none"
     if tunnel.is_up(session.tunnel):
@@ -147,8 +148,8 @@ def tunnel_state(session: Session) -> str:
     if supervisor.of(session).alive():
         return "reconnecting"
     report = supervisor.read_status(session.name)
-    if report is not None and report.state == "failed":
-        return "failed"
+    if report is not None and report.state in ("failed", "needs login"):
+        return report.state
     return "down"
 
 

@@ -32,6 +32,9 @@ class SshConfig:
     # One login node behind a name that leads to several: (its address, the name its host
     # key is known by). Every connection goes there, and known_hosts still verifies it.
     pin: tuple[str, str] | None = None
+    # Never a prompt (BatchMode: not on a terminal, not through SSH_ASKPASS): what runs
+    # in the background (the tunnel keeper) and the first look at a host.
+    batch: bool = False
 
     @classmethod
     def from_environment(cls, connect_timeout: int = 10) -> SshConfig:
@@ -78,6 +81,8 @@ def _base(cfg: SshConfig) -> list[str]:
         argv += ["-F", cfg.config_file]
     if cfg.pin is not None:
         argv += ["-o", f"HostName={cfg.pin[0]}", "-o", f"HostKeyAlias={cfg.pin[1]}"]
+    if cfg.batch:
+        argv += ["-o", "BatchMode=yes"]
     return argv
 
 
@@ -240,6 +245,8 @@ def via_master_argv(cfg: SshConfig, host: str, path: str, command: str) -> list[
     ]  # fmt: skip
 
 
+# ssh's refusal when the host wants a password or a code and nobody was asked (BatchMode).
+_ASKS = r"Permission denied \([^)]*(password|keyboard-interactive)"
 _PATTERNS: list[tuple[str, ExitCode, str]] = [
     (r"Could not resolve hostname", ExitCode.CONNECT, "cannot resolve host {host}"),
     (r"Connection refused", ExitCode.CONNECT, "connection to {host} refused (is sshd running?)"),
@@ -257,6 +264,11 @@ _PATTERNS: list[tuple[str, ExitCode, str]] = [
         "(jlremote never bypasses host-key checking)",
     ),
     (
+        _ASKS,
+        ExitCode.AUTH,
+        "authentication to {host} failed (it asks for a password or a code; try: ssh {host} true)",
+    ),
+    (
         r"Permission denied|Too many authentication failures|Authentication failed",
         ExitCode.AUTH,
         "authentication to {host} failed (try: ssh {host} true)",
@@ -268,7 +280,8 @@ def explain_failure(host: str, stderr: str) -> JlremoteError:
     """Turn ssh's own failure (exit 255) into one actionable line."""
     for pattern, code, message in _PATTERNS:
         if re.search(pattern, stderr):
-            return JlremoteError(message.format(host=host), code)
+            asks = pattern == _ASKS
+            return JlremoteError(message.format(host=host), code, needs_user=asks)
     last = [line for line in stderr.strip().splitlines() if line.strip()]
     tail = f": {last[-1].strip()}" if last else ""
     return JlremoteError(f"ssh to {host} failed{tail}", ExitCode.CONNECT)

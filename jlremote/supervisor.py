@@ -42,7 +42,9 @@ MODULE = "jlremote.supervisor"
 class SupervisorStatus:
     """What the supervisor last reported."""
 
-    state: str  # up | reconnecting | failed | queued (waiting for a --no-wait job)
+    # up | reconnecting | failed | needs login (a new login would prompt: `start` asks)
+    # | queued (waiting for a --no-wait job)
+    state: str
     attempts: int = 0
     last_error: str | None = None
     since: float = 0.0
@@ -159,7 +161,9 @@ def run(name: str, wait: float) -> int:
         return 0
     assert first is not None
     session_id = first.server.session_id
-    cfg = ssh.SshConfig.from_environment()
+    # In the background nothing may prompt: a re-open that needs a password or a code
+    # waits for `start` (needs login).
+    cfg = replace(ssh.SshConfig.from_environment(), batch=True)
     logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
     try:
         if first.queued and not _await_job(store, cfg, first):
@@ -192,10 +196,12 @@ def run(name: str, wait: float) -> int:
                     # The host's name led to another login node: the session's own, now.
                     lifecycle.pin(store, session)
                     continue
-                # Neither a refused login nor a server that has gone heals by retrying.
+                # Neither a refused login nor a server that has gone heals by retrying; a
+                # login that would need the user (a password, a code) waits for `start`.
                 if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
+                    state = "needs login" if needs_user(exc) else "failed"
                     _write_status(
-                        name, SupervisorStatus("failed", st.attempts, exc.message, time.time())
+                        name, SupervisorStatus(state, st.attempts, exc.message, time.time())
                     )
                     return 1
                 st = replace(st, last_error=exc.message)
@@ -269,6 +275,12 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         if done.notify and not waited_for(name):
             starter.tell_ready(done, done.tty)
         return True
+
+
+def needs_user(exc: JlremoteError) -> bool:
+    """Did a login fail only because nobody may be asked here (BatchMode), for a password
+    or a one-time code? (Not for a host key: that is `failed`.)"""
+    return exc.code == ExitCode.AUTH and exc.needs_user
 
 
 def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:

@@ -357,6 +357,9 @@ class _Tx:
     master_login: str = ""
     pinned: bool = False
     queued_seen: bool = False  # the job had to wait in the queue (--notify tells)
+    # The host asks for a password or a code: the tunnel's own connection is the start's
+    # one login, and the launch goes through it (nothing shared is opened).
+    one_login: bool = False
     cancelled: bool = False  # the job was cancelled already (no undo needed)
 
     def pin_to(self, addr: str) -> None:
@@ -501,9 +504,14 @@ def _transaction(
         undo.callback(
             lambda: lifecycle.release_if_unused(cfg, store, tx.host, tx.cfg if tx.pinned else None)
         )
-        # Authenticate once (this may prompt), before anything runs in parallel.
+        # Authenticate once (this may prompt), before anything runs in parallel. A host
+        # that asks for a password or a code is asked once, by the tunnel's own
+        # connection, which then carries the launch too (one_login).
         opts.progress(f"connecting to {tx.host}")
-        remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
+        if opts.slurm:
+            remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
+        else:
+            tx.one_login = not remote.warm_or_ask(cfg, tx.host, cfg.connect_timeout + 15)
         server = backend(tx)
         session = _finish(tx, server)
     if tx.queued_seen and opts.notify:
@@ -576,13 +584,23 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
     """Start the server through the shared connection while the tunnel's own connection
     and the supervisor are being made; or attach to the live server of the same name."""
     spec = tx.spec(transport)
-    tx.opts.progress(f"launching {spec.subcommand} on {tx.host}, waiting for the server")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(tx.connect_and_supervise, True)
-        try:
-            launched = remote.launch(tx.cfg, tx.host, spec, tx.token)
-        finally:
-            pending.exception()  # whatever happened, what it made is registered
+    pending: Future[None]
+    if tx.one_login:
+        tx.opts.progress(f"connecting to {tx.host} (the tunnel's connection)")
+        tx.connect_and_supervise(True)
+        assert tx.master is not None
+        tx.opts.progress(f"launching {spec.subcommand} on {tx.host}, waiting for the server")
+        launched = remote.launch(tx.cfg, tx.host, spec, tx.token, via=tx.master.control_path)
+        pending = Future()
+        pending.set_result(None)
+    else:
+        tx.opts.progress(f"launching {spec.subcommand} on {tx.host}, waiting for the server")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(tx.connect_and_supervise, True)
+            try:
+                launched = remote.launch(tx.cfg, tx.host, spec, tx.token)
+            finally:
+                pending.exception()  # whatever happened, what it made is registered
     if launched.elsewhere:
         # A live server of this name on another login node: attach to it there.
         pending.result()
@@ -615,8 +633,9 @@ def _launch_plain(tx: _Tx, transport: str) -> RemoteServer:
     tx.token, tx.attached = launched.attached_token, True
     tx.session_id = server.session_id
     assert tx.master is not None
-    tunnel.close_tunnel(tx.master)
-    tx.own_master(tunnel.start_master(tx.cfg, tx.host, server.session_id, tx.logfile))
+    if not tx.one_login:  # (with one login, the connection that was made stays)
+        tunnel.close_tunnel(tx.master)
+        tx.own_master(tunnel.start_master(tx.cfg, tx.host, server.session_id, tx.logfile))
     if server.login and server.login_addr and not tx.pinned:
         # Its tunnel must reach the login node it runs on (the host's name may lead to
         # several): one look through the new connection.

@@ -111,6 +111,9 @@ class Testbed:
     other_user: str = ""
     # Accounts with python3 but no Jupyter on their PATH (the private installer's, #15).
     bare_users: tuple[str, ...] = ()
+    # An account that logs in by password only (#17), and its password.
+    pw_user: str = ""
+    pw_password: str = ""
     # A user whose home directory is 100 characters long (root only), as on clusters.
     deep_user: str = ""
     # A local port that the `remote-fwd` alias's own LocalForward asks for (a test holds it).
@@ -182,7 +185,7 @@ class Testbed:
         """PIDs of every process the remote users (ours and the deep-home one) run, except
         sshd's own."""
         pids = []
-        users = (self.user, self.deep_user, *self.bare_users)
+        users = (self.user, self.deep_user, *self.bare_users, self.pw_user)
         uids = {pwd.getpwnam(u).pw_uid for u in users if u}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -247,6 +250,11 @@ class Testbed:
                 Path(deep).parent.mkdir(mode=0o755, parents=True)
                 _run(["useradd", "-m", "-d", deep, "-s", "/bin/bash", bed.deep_user])
                 _run(["usermod", "-p", "*", bed.deep_user])
+                bed.pw_user, bed.pw_password = f"jlp{tag}", f"pw-{os.urandom(8).hex()}"
+                _run(["useradd", "-m", "-s", "/bin/bash", bed.pw_user])
+                subprocess.run(
+                    ["chpasswd"], input=f"{bed.pw_user}:{bed.pw_password}\n", text=True, check=True
+                )
                 bed.bare_users = (f"jlb{tag}", f"jlc{tag}")
                 for bare in bed.bare_users:
                     _run(["useradd", "-m", "-s", "/bin/bash", bare])
@@ -295,13 +303,18 @@ class Testbed:
         )
         (w / "known_hosts_wrong").write_text(f"{name} {wrong[0]} {wrong[1]}\n")
         path = f"{self.remote_venv}/bin:/usr/local/bin:/usr/bin:/bin"
-        users = " ".join(filter(None, (self.user, self.deep_user, *self.bare_users)))
+        users = " ".join(filter(None, (self.user, self.deep_user, *self.bare_users, self.pw_user)))
         # The bare accounts: Debian's python3 on their PATH, no Jupyter anywhere on it.
         bare = (
             f"Match User {','.join(self.bare_users)}\n  SetEnv PATH=/usr/bin:/bin\n"
             if self.bare_users
             else ""
         )
+        if self.pw_user:  # a password and nothing else (as a 2FA code would be)
+            bare += (
+                f"Match User {self.pw_user}\n  PasswordAuthentication yes\n"
+                "  PubkeyAuthentication no\n  AuthenticationMethods password\n"
+            )
         for conf, port, streamlocal in (
             ("sshd_config", self.port, "yes"),
             ("sshd_config_nosock", self.nosock_port, "no"),
@@ -346,6 +359,15 @@ class Testbed:
             f"  LocalForward 127.0.0.1:{self.busy_port} 127.0.0.1:22\n  ForwardAgent yes\n"
             f"{common}"
         )
+        if self.pw_user:
+            with (w / "ssh_config").open("a") as f:
+                f.write(
+                    f"Host pw\n  HostName {self.remote_ip}\n  Port {self.port}\n"
+                    f"  User {self.pw_user}\n  PubkeyAuthentication no\n"
+                    "  PreferredAuthentications password\n  NumberOfPasswordPrompts 1\n"
+                    f"  UserKnownHostsFile {w}/known_hosts\n  GlobalKnownHostsFile /dev/null\n"
+                    "  StrictHostKeyChecking yes\n"
+                )
         for alias, bare in zip(("bare", "bare2"), self.bare_users, strict=False):
             with (w / "ssh_config").open("a") as f:
                 f.write(
@@ -458,7 +480,9 @@ class Testbed:
             _run(["pkill", "-KILL", "-u", self.deep_user], check=False)
             _run(["userdel", "-r", "-f", self.deep_user], check=False)
             shutil.rmtree(deep_top, ignore_errors=True)
-        for bare in self.bare_users:
+        for bare in (*self.bare_users, self.pw_user):
+            if not bare:
+                continue
             _run(["pkill", "-KILL", "-u", bare], check=False)
             _run(["userdel", "-r", "-f", bare], check=False)
         if self.other_user:

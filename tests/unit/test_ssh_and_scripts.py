@@ -483,3 +483,18 @@ def test_scripts_act_only_on_the_sessions_login_node(tmp_path: Path) -> None:
     assert _probe([ours], tmp_path) == {sid: "gone"}
     hello = protocol.parse(_run(scripts.hello(), tmp_path).stdout).head.get("LOGIN")
     assert hello.startswith(_node_id())
+
+
+def test_a_host_that_asks_for_a_password_is_told_apart() -> None:
+    """In BatchMode ssh says which methods the host still wanted: a password or a code
+    means `needs login` (the keeper never asks), a refused key does not."""
+    asks = ssh.explain_failure("pw", "jl@h: Permission denied (publickey,password).\n")
+    assert asks.code == ExitCode.AUTH and asks.needs_user
+    assert "asks for a password or a code" in asks.message
+    otp = ssh.explain_failure("hpc", "Permission denied (keyboard-interactive).\n")
+    assert otp.needs_user
+    key = ssh.explain_failure("gpubox", "u@h: Permission denied (publickey).\n")
+    assert key.code == ExitCode.AUTH and not key.needs_user
+    batch = ssh.command_argv(replace(CFG, batch=True), "gpubox", "true")
+    assert batch[batch.index("BatchMode=yes") - 1] == "-o"
+    assert "BatchMode=yes" not in ssh.command_argv(CFG, "gpubox", "true")
