@@ -252,6 +252,11 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         try:
             done = starter.complete(cfg, store, current, me, report, lambda: waited_for(name))
         except JlremoteError as exc:
+            if needs_user(exc):
+                # Watching the job would need a login (a password, a code): never asked
+                # here; the next `start` or `wait` finishes the start itself.
+                _write_status(name, SupervisorStatus("needs login", 0, exc.message, since))
+                return False
             ended = starter.job_ended(cfg, current)
             if ended:
                 log.info("job %s ended while queued: %s", current.server.job_id, ended)

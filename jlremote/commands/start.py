@@ -890,19 +890,52 @@ def await_queued(
         if session.phase == "ended":
             raise JlremoteError(f"session {name!r}: {session.ended}", ExitCode.SERVER)
         seen_queued = True
+        report = supervisor.read_status(name)
+        if report is not None and report.state == "needs login":
+            # The host asks for a password or a code: its supervisor may not; here the
+            # user is asked (the job stays queued until it runs, as with the supervisor).
+            return _complete_here(store, session, progress, deadline)
         if not supervisor.of(session).alive():  # e.g. after a reboot here
             session = _supervise(store, session)
         supervisor.someone_waits(name)
-        report = supervisor.read_status(name)
         said = report.detail if report is not None and report.detail else f"job {job} queued"
         progress(said)
         if deadline is not None and time.monotonic() >= deadline:
-            raise JlremoteError(
-                f"{said}, still, after {timeout:g}s; it stays queued: `jlremote wait {name}` "
-                f"gives the URL once it runs, `jlremote stop {name}` cancels it",
-                ExitCode.SERVER,
-            )
+            raise _still_queued(name, said, timeout)
         time.sleep(WAIT_TICK)
+
+
+def _still_queued(name: str, said: str, timeout: float | None) -> JlremoteError:
+    after = f", still, after {timeout:g}s" if timeout else ", still"
+    return JlremoteError(
+        f"{said}{after}; it stays queued: `jlremote wait {name}` gives the URL once it "
+        f"runs, `jlremote stop {name}` cancels it",
+        ExitCode.SERVER,
+    )
+
+
+def _complete_here(
+    store: StateStore,
+    session: Session,
+    progress: Callable[[str], None],
+    deadline: float | None,
+) -> Session:
+    """Watch a queued job from this process and finish its start once it runs, asking
+    for the login its supervisor could not (one; the looks at the job keep jlremote's
+    connection open). The job stays queued if DEADLINE comes first; the tunnel keeper is
+    started once the session runs."""
+    cfg = ssh.SshConfig.from_environment()
+    progress(f"connecting to {session.host}")
+    remote.warm(cfg, session.host, timeout=cfg.connect_timeout + 15)
+    while True:
+        job = _look(cfg, session)
+        if not job.queued:
+            return complete(cfg, store, session, supervisor.of(session), progress, lambda: True)
+        said = _job_progress(session.server.job_id, job)
+        progress(said)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise _still_queued(session.name, said, None)
+        time.sleep(SQUEUE_INTERVAL)
 
 
 def wait(name: str | None, timeout: float | None, progress: Callable[[str], None]) -> StartResult:
