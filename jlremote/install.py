@@ -19,7 +19,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,7 +75,7 @@ class Installed:
     seconds: float
 
     def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def probe(cfg: ssh.SshConfig, host: str) -> Platform:

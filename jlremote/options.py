@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from jlremote.errors import ExitCode, JlremoteError
+from jlremote.state import AppForward
 
 # Seconds `start` waits by default: for the server to come up, and with --slurm also for
 # the job to leave the queue.
@@ -274,17 +275,10 @@ def problem(name: str, value: Any) -> str | None:
 _FORWARD = re.compile(r"(?:([A-Za-z][A-Za-z0-9._-]{0,31})=)?(?:(\d{1,5}):)?(\d{1,5})")
 
 
-@dataclass(frozen=True)
-class ForwardSpec:
-    """`[LABEL=][LOCAL:]PORT`: the app's name (default: its port), the local port (0: a
-    free one) and its port beside the server."""
-
-    label: str
-    local_port: int
-    remote_port: int
-
-
-def parse_forward(text: str) -> ForwardSpec:
+def parse_forward(text: str) -> AppForward:
+    """`[LABEL=][LOCAL:]PORT` as the app's record: its label (default: its port), the
+    local port (0: a free one, picked when it is forwarded) and its port beside the
+    server."""
     found = _FORWARD.fullmatch(text.strip()) if isinstance(text, str) else None
     if not found:
         raise ValueError(f"not [LABEL=][LOCAL:]PORT: {text!r} (e.g. 6006 or tensorboard=6006)")
@@ -292,10 +286,10 @@ def parse_forward(text: str) -> ForwardSpec:
     for value in (local, port):
         if value is not None and not 1 <= int(value) <= 65535:
             raise ValueError(f"{int(value)} is not a port")
-    return ForwardSpec(label or port, int(local or 0), int(port))
+    return AppForward(label or port, int(local or 0), int(port))
 
 
-def parse_forwards(texts: list[str]) -> list[ForwardSpec]:
+def parse_forwards(texts: list[str]) -> list[AppForward]:
     """Each of TEXTS parsed; a label, remote port or local port given twice is an error."""
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ValueError('must be a list of strings such as "tensorboard=6006"')

@@ -50,19 +50,13 @@ def ago(iso: str | None) -> str:
 
 def queued(result: StartResult) -> None:
     """A job queued by `start --no-wait`: its id and state, and what to do next (stderr)."""
-    notes = [
-        n
-        for n in (
-            result.job_reason,
-            result.start_estimate and f"estimated start {result.start_estimate}",
-        )
-        if n
-    ]
-    state = (result.job_state or "PENDING").lower() if result.job_state != "PENDING" else "queued"
+    from jlremote.slurm import JobState
+
+    job = JobState(result.job_state, result.job_reason, start=result.start_estimate)
+    state = "queued" if job.queued or not job.state else job.state.lower()
     typer.echo(
-        f"jlremote: job {result.job_id} {state}"
-        + (f" ({'; '.join(notes)})" if notes else "")
-        + f"; `jlremote wait {result.name}` prints the URL once it runs",
+        f"jlremote: job {result.job_id} {state}{job.notes}; `jlremote wait {result.name}` "
+        "prints the URL once it runs",
         err=True,
     )
 

@@ -173,10 +173,12 @@ class JobState:
         left = self.seconds_left
         return self.state == "RUNNING" and left is not None and left < ENDING_SOON
 
-    def describe(self) -> str:
-        """`PENDING (Resources; estimated start 2026-12-02T14:05:00)`, as said to users."""
-        notes = [n for n in (self.reason, self.start and f"estimated start {self.start}") if n]
-        return (self.state or "FORGOTTEN") + (f" ({'; '.join(notes)})" if notes else "")
+    @property
+    def notes(self) -> str:
+        """Why it waits and when Slurm expects it to start, as said to users:
+        ` (Resources; estimated start 2026-12-02T14:05:00)`, or "" when Slurm says neither."""
+        said = [n for n in (self.reason, self.start and f"estimated start {self.start}") if n]
+        return f" ({'; '.join(said)})" if said else ""
 
 
 def ended_early(job: JobState) -> str:

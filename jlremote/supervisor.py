@@ -199,7 +199,7 @@ def run(name: str, wait: float) -> int:
                 # Neither a refused login nor a server that has gone heals by retrying; a
                 # login that would need the user (a password, a code) waits for `start`.
                 if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
-                    state = "needs login" if needs_user(exc) else "failed"
+                    state = "needs login" if exc.needs_user else "failed"
                     _write_status(
                         name, SupervisorStatus(state, st.attempts, exc.message, time.time())
                     )
@@ -252,7 +252,7 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         try:
             done = starter.complete(cfg, store, current, me, report, lambda: waited_for(name))
         except JlremoteError as exc:
-            if needs_user(exc):
+            if exc.needs_user:
                 # Watching the job would need a login (a password, a code): never asked
                 # here; the next `start` or `wait` finishes the start itself.
                 _write_status(name, SupervisorStatus("needs login", 0, exc.message, since))
@@ -280,12 +280,6 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         if done.notify and not waited_for(name):
             starter.tell_ready(done, done.tty)
         return True
-
-
-def needs_user(exc: JlremoteError) -> bool:
-    """Did a login fail only because nobody may be asked here (BatchMode), for a password
-    or a one-time code? (Not for a host key: that is `failed`.)"""
-    return exc.code == ExitCode.AUTH and exc.needs_user
 
 
 def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:

@@ -57,8 +57,7 @@ def _add(
         )
     if f.local_port:
         tunnel.require_free_port(f.local_port)
-    wanted = AppForward(f.label, f.local_port, f.remote_port)
-    forwards = lifecycle.new_apps(cfg, session, [wanted])
+    forwards = lifecycle.new_apps(cfg, session, [f])
     session = _record(store, session, forwards)
     return session, apps(session)[-1]
 

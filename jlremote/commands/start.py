@@ -87,11 +87,8 @@ def start(opts: StartOptions) -> StartResult:
 
 
 def _wanted_apps(opts: StartOptions) -> list[AppForward]:
-    """The --forward apps, as records (local port 0: a free one, picked when forwarded)."""
-    return [
-        AppForward(f.label, f.local_port, f.remote_port)
-        for f in parse_forwards(opts.forwards or [])
-    ]
+    """The --forward apps (local port 0: a free one, picked when forwarded)."""
+    return parse_forwards(opts.forwards or [])
 
 
 def _check_app_ports(opts: StartOptions) -> None:
@@ -797,8 +794,7 @@ def _route_to_node(tx: _Tx, node_master: Tunnel | None) -> None:
 
 def _job_progress(job_id: str, job: slurm.JobState) -> str:
     if job.queued:
-        notes = [n for n in (job.reason, job.start and f"estimated start {job.start}") if n]
-        return f"job {job_id} queued" + (f" ({'; '.join(notes)})" if notes else "")
+        return f"job {job_id} queued{job.notes}"
     if job.state == "RUNNING":
         return f"job {job_id} running on {job.node}; waiting for the server"
     return f"job {job_id} {job.state.lower() or 'submitted'}"

@@ -27,6 +27,18 @@ def status_of(jl: Jl, name: str = ALIAS) -> dict[str, object]:
     return rows[name]  # type: ignore[no-any-return]
 
 
+def status_when(
+    jl: Jl, key: str, value: object, timeout: float, name: str = ALIAS
+) -> dict[str, object]:
+    """NAME's `status --json` row once its KEY is VALUE (None: anything but empty)."""
+
+    def row() -> dict[str, object] | None:
+        found = status_of(jl, name)
+        return found if (found[key] if value is None else found[key] == value) else None
+
+    return wait_until(row, timeout, f"status: {name} {key} {value}", interval=0.5)
+
+
 @pytest.fixture
 def notified(jl: Jl, tmp_path: Path) -> Iterator[Path]:
     """A stand-in `notify-send` first on PATH (an edge: what the desktop would show is
@@ -86,16 +98,11 @@ def test_queued_job_from_no_wait_to_url(
     assert ours(cluster) == [job]
 
     # status: queued, Slurm's reason, and its estimate (the blocker has a time limit).
-    row = wait_until(
-        lambda: (s := status_of(sjl))["job_reason"] == "Resources" and s,
-        30,
-        "status to show the reason",
-        interval=0.5,
-    )
+    row = status_when(sjl, "job_reason", "Resources", 30)
     assert (row["server"], row["tunnel"], row["job_state"], row["url"]) == (
         "queued", "none", "PENDING", ""
     )  # fmt: skip
-    row = wait_until(lambda: (s := status_of(sjl))["start_estimate"] and s, 30, "Slurm's estimate")
+    row = status_when(sjl, "start_estimate", None, 30)
     text = sjl("status")
     assert "queued (Resources)" in text.stdout and "may start at" in text.stderr
 
@@ -140,12 +147,7 @@ def test_the_supervisor_finishes_a_queued_start_and_tells(
     assert "queued" in r.stderr and "jlremote wait later" in r.stderr
     assert cluster.run("scancel", blocker).returncode == 0
     # Nobody waits: the session's supervisor finishes the start, and tells.
-    row = wait_until(
-        lambda: (s := status_of(sjl, "later"))["server"] == "running" and s,
-        60,
-        "the supervisor to finish the start",
-        interval=0.5,
-    )
+    row = status_when(sjl, "server", "running", 60, name="later")
     assert row["tunnel"] == "up" and row["url"]
     assert http_get(api(str(row["url"]), "api/status"), token_of(str(row["url"])))[0] == 200
     wait_until(notified.exists, 10, "the notification")
@@ -166,7 +168,7 @@ def test_a_queued_job_ended_from_outside_and_a_queued_stop(
     job = r.json()["job_id"]
     # An admin cancels it while it waits: status says so, with Slurm's word.
     assert cluster.run("scancel", job).returncode == 0
-    row = wait_until(lambda: (s := status_of(sjl))["server"] == "ended" and s, 30, "status: ended")
+    row = status_when(sjl, "server", "ended", 30)
     assert "cancelled before its server started" in str(row["ended"]), row
     assert "ended: job cancelled before its server started" in sjl("status").stdout
     w = sjl("wait", ALIAS, "--timeout", "5")
@@ -207,9 +209,7 @@ def test_an_idle_server_ends_but_never_under_a_busy_kernel(jl: Jl, testbed: Test
         assert http_get(api(url, "api/status"), token_of(url), timeout=5)[0] == 200
         time.sleep(1)
     # Then idle for 12 s: the server ends, and says why.
-    row = wait_until(
-        lambda: (s := status_of(jl))["server"] == "ended" and s, 40, "the idle end", interval=1
-    )
+    row = status_when(jl, "server", "ended", 40)
     assert row["ended"] == "idle for 12s"
     assert "ended: idle for 12s" in jl("status").stdout
     wait_until(lambda: not jupyter_pids(testbed), 15, "the server (and its kernel) to exit")

@@ -6,22 +6,23 @@ from dataclasses import replace
 
 import pytest
 
-from jlremote.options import ForwardSpec, parse_forward, parse_forwards
+from jlremote.options import parse_forward, parse_forwards
 from jlremote.ssh import Target
+from jlremote.state import AppForward
 from tests.unit.test_state import make
 
 
 @pytest.mark.parametrize(
     ("text", "spec"),
     [
-        ("6006", ForwardSpec("6006", 0, 6006)),
-        ("tensorboard=6006", ForwardSpec("tensorboard", 0, 6006)),
-        ("16006:6006", ForwardSpec("6006", 16006, 6006)),
-        ("tb=16006:6006", ForwardSpec("tb", 16006, 6006)),
-        (" dask.ui-2=8787 ", ForwardSpec("dask.ui-2", 0, 8787)),
+        ("6006", AppForward("6006", 0, 6006)),
+        ("tensorboard=6006", AppForward("tensorboard", 0, 6006)),
+        ("16006:6006", AppForward("6006", 16006, 6006)),
+        ("tb=16006:6006", AppForward("tb", 16006, 6006)),
+        (" dask.ui-2=8787 ", AppForward("dask.ui-2", 0, 8787)),
     ],
 )
-def test_forward_specs(text: str, spec: ForwardSpec) -> None:
+def test_forward_specs(text: str, spec: AppForward) -> None:
     assert parse_forward(text) == spec
 
 

@@ -180,9 +180,10 @@ def test_parse_job_state() -> None:
     pending = slurm.parse_job_state("PENDING|Resources|(null)|UNLIMITED|N/A|(null)")
     assert pending == slurm.JobState("PENDING", "Resources", "", "UNLIMITED", "", "")
     assert pending.queued and pending.seconds_left is None
-    assert pending.describe() == "PENDING (Resources)"
+    assert pending.notes == " (Resources)"
     estimate = slurm.JobState("PENDING", "Priority", start="2026-12-02T14:05:00")
-    assert estimate.describe() == "PENDING (Priority; estimated start 2026-12-02T14:05:00)"
+    assert estimate.notes == " (Priority; estimated start 2026-12-02T14:05:00)"
+    assert slurm.JobState("PENDING").notes == ""
     assert slurm.parse_job_state("CANCELLED by 0|None|n|0:00|N/A|x").state == "CANCELLED"
     assert slurm.parse_job_state("") == slurm.JobState()
     assert not slurm.JobState().active and slurm.JobState("PENDING").active
