@@ -24,7 +24,8 @@ help:
 	@echo "make demo-down  stop the demo session and tear the sandbox down"
 
 # Debian packages the end-to-end tests use (installed only when missing, only as root):
-# OpenSSH and iproute2 for the namespace remote, Slurm and munge for the --slurm tests.
+# OpenSSH and iproute2 for the namespace remote, Slurm and munge for the --slurm tests,
+# Chromium for the page that must ride out an outage (driven over its DevTools protocol).
 system-deps:
 	@missing=""; optional=""; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
@@ -36,6 +37,7 @@ system-deps:
 	[ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && command -v sbatch >/dev/null 2>&1 \
 	  || optional="$$optional slurm-wlm"; \
 	[ -x /usr/sbin/munged ] || optional="$$optional munge"; \
+	command -v chromium >/dev/null 2>&1 || optional="$$optional chromium"; \
 	if [ -n "$$missing$$optional" ] && [ -n "$(ROOT)" ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing:$$missing$$optional"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing $$optional \
@@ -44,7 +46,7 @@ system-deps:
 	elif [ -n "$$missing" ]; then \
 	  echo "missing:$$missing (install them, or run as root on Debian)"; exit 1; \
 	elif [ -n "$$optional" ]; then \
-	  echo "note:$$optional not installed: the --slurm tests will be skipped (they need root)"; \
+	  echo "note:$$optional not installed: the tests that need them (and root) will be skipped"; \
 	fi
 
 $(BIN)/.installed: pyproject.toml

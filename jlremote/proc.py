@@ -176,10 +176,12 @@ def run(
     )
 
 
-def spawn_detached(argv: list[str], log_path: Path, cwd: Path | None = None) -> int:
+def spawn_detached(
+    argv: list[str], log_path: Path, cwd: Path | None = None, pass_fds: tuple[int, ...] = ()
+) -> int:
     """Start `argv` in a session of its own (no terminal, immune to the terminal's hang-up
     and Ctrl-C), stdin from /dev/null, output appended to `log_path`, in the directory
-    `cwd` (default: ours); returns its PID."""
+    `cwd` (default: ours), with our descriptors PASS_FDS (same numbers); returns its PID."""
     log.debug("spawn: %s", shown(argv))
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
@@ -189,6 +191,7 @@ def spawn_detached(argv: list[str], log_path: Path, cwd: Path | None = None) -> 
             stderr=out,
             start_new_session=True,
             close_fds=True,
+            pass_fds=pass_fds,
             cwd=cwd,
         )
     return child.pid

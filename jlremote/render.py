@@ -113,7 +113,7 @@ def status(rows: list[StatusRow]) -> None:
             + ((r.login_node or "-",) if logins else ())
             + (
                 _server(r),
-                r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})",
+                _tunnel(r),
                 duration(r.uptime_s),
                 ago(r.last_activity),
             )
@@ -195,3 +195,9 @@ def doctor(result: DoctorResult) -> None:
 
 def settings(rows: list[tuple[str, Any, str]]) -> None:
     table(("KEY", "VALUE", "SOURCE"), [(k, json.dumps(v), src) for k, v, src in rows])
+
+
+def _tunnel(r: StatusRow) -> str:
+    """TUNNEL: its state, the attempts so far, the connections held meanwhile."""
+    said = r.tunnel if not r.tunnel_attempts else f"{r.tunnel} ({r.tunnel_attempts})"
+    return f"{said}, {r.held} held" if r.held else said

@@ -58,6 +58,8 @@ class StatusRow:
     transport: str = "tcp"
     tunnel_attempts: int = 0  # reconnection attempts so far (tunnel "reconnecting")
     tunnel_error: str | None = None  # why the last attempt failed
+    # Connections to the session's port waiting for the tunnel (held by its keeper).
+    held: int = 0
     last_activity: str | None = None  # the server's own, from /api/status
     job_id: str = ""  # --slurm: the batch job, its node, its state and walltime left
     node: str = ""

@@ -145,11 +145,11 @@ def tunnel_state(session: Session) -> str:
         return "none"
     if tunnel.is_up(session.tunnel):
         return "up"
-    if supervisor.of(session).alive():
-        return "reconnecting"
     report = supervisor.read_status(session.name)
     if report is not None and report.state in ("failed", "needs login"):
-        return report.state
+        return report.state  # (its supervisor still holds the port)
+    if supervisor.of(session).alive():
+        return "reconnecting"
     return "down"
 
 
@@ -162,7 +162,11 @@ def close_local(session: Session) -> bool:
     """Its supervisor (first, or it would re-open the tunnel), then its tunnel; whether
     the tunnel was up."""
     supervisor.stop(session)
-    return tunnel.close_tunnel(session.tunnel)
+    was_up = tunnel.close_tunnel(session.tunnel)
+    if session.tunnel.local_port:  # the forward's socket, if its ssh was killed
+        with contextlib.suppress(FileNotFoundError):
+            Path(tunnel.forward_path(session.tunnel.local_port)).unlink()
+    return was_up
 
 
 def forget(cfg: ssh.SshConfig, store: StateStore, name: str) -> None:

@@ -137,14 +137,16 @@ class Target:
     host: str = ""
 
 
-def forward_spec(local_port: int, target: Target) -> str:
-    """The -L argument: our loopback's LOCAL_PORT to TARGET."""
+def forward_spec(listen: int | str, target: Target) -> str:
+    """The -L argument: our loopback's port LISTEN, or our Unix socket at path LISTEN,
+    to TARGET."""
+    here = listen if isinstance(listen, str) else f"127.0.0.1:{listen}"
     if target.socket:
-        return f"127.0.0.1:{local_port}:{target.socket}"
+        return f"{here}:{target.socket}"
     host = target.host or "127.0.0.1"
     if ":" in host:  # an IPv6 address
         host = f"[{host}]"
-    return f"127.0.0.1:{local_port}:{host}:{target.port}"
+    return f"{here}:{host}:{target.port}"
 
 
 def tunnel_master_argv(
@@ -169,6 +171,8 @@ def tunnel_master_argv(
         "-o", f"ControlPath={path}",
         "-o", "ControlPersist=no",
         "-o", "ExitOnForwardFailure=yes",
+        "-o", "StreamLocalBindUnlink=yes",
+        "-o", "StreamLocalBindMask=0177",
         "-o", f"ServerAliveInterval={KEEPALIVE_INTERVAL}",
         "-o", f"ServerAliveCountMax={KEEPALIVE_COUNT}",
         "-o", f"ConnectTimeout={cfg.connect_timeout}",
@@ -193,11 +197,11 @@ def node_route_options(cfg: SshConfig, host: str) -> list[str]:
 
 
 def forward_argv(
-    cfg: SshConfig, host: str, path: str, local_port: int, target: Target, cancel: bool = False
+    cfg: SshConfig, host: str, path: str, listen: int | str, target: Target, cancel: bool = False
 ) -> list[str]:
-    """Ask the tunnel's master at PATH to listen on 127.0.0.1:LOCAL (`ssh -O forward`), or
-    with CANCEL to stop (`ssh -O cancel`)."""
-    spec = forward_spec(local_port, target)
+    """Ask the tunnel's master at PATH to listen on 127.0.0.1:LISTEN, or on the Unix socket
+    at path LISTEN (`ssh -O forward`), or with CANCEL to stop (`ssh -O cancel`)."""
+    spec = forward_spec(listen, target)
     op = "cancel" if cancel else "forward"
     return [*_mux_client(cfg, path), "-O", op, "-L", spec, "--", host]
 

@@ -236,6 +236,15 @@ class StateStore:
             yield
 
     @contextlib.contextmanager
+    def tunnel_lock(self, name: str, timeout: float) -> Iterator[None]:
+        """Serialise the re-opening of NAME's tunnel: its supervisor, or a `start` that
+        re-opens it in the foreground (which may ask for a password meanwhile)."""
+        digest = hashlib.sha256(name.encode()).hexdigest()[:24]
+        locks = ensure_private_dir(self.directory / "locks")
+        with _flock(locks / f"{digest}.tunnel.lock", timeout, f"the tunnel of {name!r}"):
+            yield
+
+    @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         ensure_private_dir(self.directory)
         with _flock(self._lock_path, 30.0, "the state file"):

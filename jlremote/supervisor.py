@@ -1,15 +1,20 @@
-"""The per-session supervisor: a small detached process of ours that keeps the tunnel up.
+"""The per-session supervisor: a small detached process of ours that holds the session's
+local port and keeps the tunnel up.
 
-`start` spawns it once the URL works. Every half second it checks the tunnel's ssh (PID +
-create time + control path); when that has died (the link dropped and the keepalives gave
-up, the laptop slept, someone killed it) it opens a new one on the same local port, so the
-browser's URL keeps working. Retries back off from 1 s, doubling, capped at 5 s, for as
-long as the session exists; an authentication or host-key failure will not heal by
-retrying and ends it. What it is doing is written to `supervisors/NAME.json` for `status`.
+`start` binds 127.0.0.1:PORT and hands the listening socket to it; it listens there for
+as long as the session exists (jlremote.keeper), so that no one else can take the port,
+not even while the tunnel is re-opened, and carries each connection to the tunnel's
+private socket. Every half second it checks the tunnel's ssh (PID + create time + control
+path); when that has died (the link dropped and the keepalives gave up, the laptop slept,
+someone killed it) it opens a new one, and the connections held meanwhile go through.
+Retries back off from 1 s, doubling, capped at 5 s, for as long as the session exists; an
+authentication or host-key failure will not heal by retrying and stops the retries (the
+port stays held; `start` re-opens the tunnel). What it is doing is written to
+`supervisors/NAME.json` for `status`.
 
 Why our own process and not autossh: autossh gives up when ssh fails within its first 30 s
-(its "gate time"), does not know about re-adding the forward to a dedicated master, and
-cannot tell `status` why it is retrying.
+(its "gate time"), does not know about re-adding the forward to a dedicated master, cannot
+hold the port while ssh is down, and cannot tell `status` why it is retrying.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from jlremote import proc, remote, ssh, tunnel
+from jlremote import keeper, proc, remote, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
@@ -49,6 +55,7 @@ class SupervisorStatus:
     last_error: str | None = None
     since: float = 0.0
     detail: str = ""  # while queued: what the job is doing, as the progress line says it
+    held: int = 0  # connections waiting for the tunnel (on the session's port)
 
 
 def status_path(name: str) -> Path:
@@ -95,22 +102,27 @@ def _write_status(name: str, st: SupervisorStatus) -> None:
     os.replace(tmp, directory / f"{name}.json")
 
 
-def argv_for(name: str, wait: float) -> list[str]:
-    """How `start` launches the supervisor of session NAME. `-m` would put the caller's
-    working directory first on the import path (a `jlremote/` folder there would run as
-    the user): -P leaves it out (Python 3.11+), and spawn() runs it in the private state
-    directory anyway. The supervisor lowers its own priority (main())."""
+def argv_for(name: str, wait: float, fd: int) -> list[str]:
+    """How `start` launches the supervisor of session NAME, with the session's listening
+    socket as descriptor FD. `-m` would put the caller's working directory first on the
+    import path (a `jlremote/` folder there would run as the user): -P leaves it out
+    (Python 3.11+), and spawn() runs it in the private state directory anyway."""
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    return [sys.executable, *safe_path, "-m", MODULE, name, f"{wait:g}"]
+    return [sys.executable, *safe_path, "-m", MODULE, name, f"{wait:g}", str(fd)]
 
 
-def spawn(name: str, wait: float = 30.0) -> proc.Owned:
-    """Start the supervisor of NAME. It takes up its work once the session's record names
-    it, and gives up if none does within WAIT seconds: so `start` can spawn it early,
-    while the server boots. It lowers its own priority (main())."""
+def spawn(name: str, listener: socket.socket, wait: float = 30.0) -> proc.Owned:
+    """Start the supervisor of NAME, holding LISTENER (the session's port) from now on. It
+    carries connections as soon as the tunnel's socket is there, and takes up the rest
+    of its work once the session's record names it; it gives up if none does within WAIT
+    seconds: so `start` can spawn it early, while the server boots."""
     logs = ensure_private_dir(state_dir() / "logs")
+    fd = listener.fileno()
     pid = proc.spawn_detached(
-        argv_for(name, wait), logs / f"{name}.supervisor.log", cwd=ensure_private_dir(state_dir())
+        argv_for(name, wait, fd),
+        logs / f"{name}.supervisor.log",
+        cwd=ensure_private_dir(state_dir()),
+        pass_fds=(fd,),
     )
     started = proc.owned(pid)
     return owned(name, started.pid, started.created)
@@ -139,14 +151,12 @@ class _Stop(Exception):
     pass
 
 
-def run(name: str, wait: float) -> int:
-    """The supervisor's loop; returns when the session is gone, is no longer ours (a new
-    server got its own supervisor), or cannot heal."""
+def run(name: str, wait: float, port: keeper.Keeper) -> int:
+    """The supervisor's loop; returns when the session is gone, or is no longer ours (a
+    new server got its own supervisor). PORT holds the session's port meanwhile."""
 
     def on_term(_sig: int, _frame: object) -> None:
         raise _Stop
-
-    from jlremote import session as lifecycle
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
@@ -161,61 +171,14 @@ def run(name: str, wait: float) -> int:
         return 0
     assert first is not None
     session_id = first.server.session_id
+    port.outage = keeper.Outage(first.host, name=name)
     # In the background nothing may prompt: a re-open that needs a password or a code
     # waits for `start` (needs login).
     cfg = replace(ssh.SshConfig.from_environment(), batch=True)
-    logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
     try:
         if first.queued and not _await_job(store, cfg, first):
             return 0
-    except _Stop:
-        return 0
-    st = SupervisorStatus("up", since=time.time())
-    _write_status(name, st)
-    delay = BACKOFF_FIRST
-    try:
-        while True:
-            session = store.read().get(name)
-            if session is None or not _mine(session):
-                return 0  # stopped, or replaced by a new server
-            if tunnel.is_up(session.tunnel):
-                if st.state != "up":
-                    st = SupervisorStatus("up", since=time.time())
-                    _write_status(name, st)
-                    delay = BACKOFF_FIRST
-                time.sleep(POLL)
-                continue
-            st = SupervisorStatus("reconnecting", st.attempts + 1, st.last_error, st.since)
-            _write_status(name, st)
-            t = session.tunnel
-            try:
-                new = _reopen(cfg, session, logfile)
-            except JlremoteError as exc:
-                log.info("attempt %d failed: %s", st.attempts, exc.message)
-                if lifecycle.wrong_login(session, exc):
-                    # The host's name led to another login node: the session's own, now.
-                    lifecycle.pin(store, session)
-                    continue
-                # Neither a refused login nor a server that has gone heals by retrying; a
-                # login that would need the user (a password, a code) waits for `start`.
-                if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
-                    state = "needs login" if exc.needs_user else "failed"
-                    _write_status(
-                        name, SupervisorStatus(state, st.attempts, exc.message, time.time())
-                    )
-                    return 1
-                st = replace(st, last_error=exc.message)
-                _write_status(name, st)
-                time.sleep(delay)
-                delay = min(BACKOFF_CAP, delay * 2)
-                continue
-            with store.transaction() as sessions:
-                current = sessions.get(name)
-                if current is None or not _mine(current):
-                    tunnel.close_tunnel(new)
-                    return 0
-                sessions[name] = replace(current, tunnel=new)
-            log.info("tunnel re-opened on port %d after %d attempt(s)", t.local_port, st.attempts)
+        return _keep(store, cfg, name, port)
     except _Stop:
         session = store.read().get(name)
         if session is not None and _mine(session):
@@ -225,6 +188,80 @@ def run(name: str, wait: float) -> int:
             # starting when told to stop (no record names it yet).
             tunnel.close_tunnel(Tunnel(0, 0, control_path=tunnel.master_path(session_id)))
         return 0
+
+
+def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Keeper) -> int:
+    """Keep NAME's tunnel up for as long as the session is ours."""
+    from jlremote import session as lifecycle
+
+    logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
+    st = SupervisorStatus("up", since=time.time())
+    _write_status(name, st)
+    delay = BACKOFF_FIRST
+    retry_at = 0.0
+    while True:
+        session = store.read().get(name)
+        if session is None or not _mine(session):
+            return 0  # stopped, or replaced by a new server
+        held = port.held
+        if tunnel.is_up(session.tunnel):
+            if st.state != "up" or st.held != held:
+                since = st.since if st.state == "up" else time.time()
+                st = SupervisorStatus("up", since=since, held=held)
+                _write_status(name, st)
+                delay, retry_at = BACKOFF_FIRST, 0.0
+            time.sleep(POLL)
+            continue
+        if st.state in ("failed", "needs login") or time.monotonic() < retry_at:
+            # Waiting: for `start` (it logs in, and re-opens the tunnel), or the backoff.
+            if st.held != held:
+                st = replace(st, held=held)
+                _write_status(name, st)
+            time.sleep(POLL)
+            continue
+        st = SupervisorStatus("reconnecting", st.attempts + 1, st.last_error, st.since, held=held)
+        _write_status(name, st)
+        port.outage = keeper.Outage(session.host, st.state, st.attempts, st.last_error or "", name)
+        try:
+            # Not while `start` re-opens it (it may be asking for a password meanwhile).
+            with store.tunnel_lock(name, timeout=0):
+                now = store.read().get(name)
+                if now is None or not _mine(now) or tunnel.is_up(now.tunnel):
+                    st = replace(st, attempts=st.attempts - 1)
+                    continue
+                session = now
+                new = _reopen(cfg, session, logfile)
+                with store.transaction() as sessions:
+                    current = sessions.get(name)
+                    if current is None or not _mine(current):
+                        tunnel.close_tunnel(new)
+                        return 0
+                    sessions[name] = replace(current, tunnel=new)
+        except JlremoteError as exc:
+            if "timed out waiting for the lock" in exc.message:
+                st = replace(st, attempts=st.attempts - 1)
+                retry_at = time.monotonic() + POLL
+                continue
+            log.info("attempt %d failed: %s", st.attempts, exc.message)
+            if lifecycle.wrong_login(session, exc):
+                # The host's name led to another login node: the session's own, now.
+                lifecycle.pin(store, session)
+                continue
+            # Neither a refused login nor a server that has gone heals by retrying; a
+            # login that would need the user (a password, a code) waits for `start`.
+            if exc.code in (ExitCode.AUTH, ExitCode.SERVER):
+                state = "needs login" if exc.needs_user else "failed"
+                st = SupervisorStatus(state, st.attempts, exc.message, time.time(), held=held)
+            else:
+                st = replace(st, last_error=exc.message)
+                retry_at = time.monotonic() + delay
+                delay = min(BACKOFF_CAP, delay * 2)
+            _write_status(name, st)
+            port.outage = keeper.Outage(
+                session.host, st.state, st.attempts, st.last_error or "", name
+            )
+            continue
+        log.info("tunnel re-opened on port %d after %d attempt(s)", port.port, st.attempts)
 
 
 QUEUE_BACKOFF_CAP = 60.0
@@ -254,9 +291,10 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         except JlremoteError as exc:
             if exc.needs_user:
                 # Watching the job would need a login (a password, a code): never asked
-                # here; the next `start` or `wait` finishes the start itself.
+                # here; the next `start` or `wait` finishes the start itself (through the
+                # port held here).
                 _write_status(name, SupervisorStatus("needs login", 0, exc.message, since))
-                return False
+                return _parked(store, name)
             ended = starter.job_ended(cfg, current)
             if ended:
                 log.info("job %s ended while queued: %s", current.server.job_id, ended)
@@ -280,6 +318,18 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         if done.notify and not waited_for(name):
             starter.tell_ready(done, done.tty)
         return True
+
+
+def _parked(store: StateStore, name: str) -> bool:
+    """Hold the port until a `start` or `wait` has finished the start of NAME's queued job
+    (True: the session runs) or it is gone (False)."""
+    while True:
+        current = store.read().get(name)
+        if current is None or not _mine(current) or current.phase == "ended":
+            return False
+        if current.phase == "running":
+            return True
+        time.sleep(POLL)
 
 
 def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
@@ -307,10 +357,11 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
 
 
 def main() -> None:
-    # It starts while the user waits for a server (which may boot on this very machine).
-    os.nice(10)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    sys.exit(run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 30.0))
+    name, wait, fd = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    listener = socket.socket(fileno=fd)
+    port = keeper.Keeper(listener, tunnel.forward_path(listener.getsockname()[1])).start()
+    sys.exit(run(name, wait, port))
 
 
 if __name__ == "__main__":

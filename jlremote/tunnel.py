@@ -118,6 +118,16 @@ def start_master(
     return Tunnel(0, 0, pid, created, path, node=node)
 
 
+def forward_path(local_port: int) -> str:
+    """The private Unix socket where the tunnel of the session on LOCAL_PORT listens: the
+    session's keeper (jlremote.keeper), which holds 127.0.0.1:LOCAL_PORT, carries each
+    connection there. ssh makes it 0600 (StreamLocalBindMask), in the 0700 runtime
+    directory, and replaces a stale one (StreamLocalBindUnlink)."""
+    from jlremote.paths import runtime_dir
+
+    return str(runtime_dir() / f"port-{local_port}")
+
+
 def add_forward(
     cfg: ssh.SshConfig,
     host: str,
@@ -125,8 +135,9 @@ def add_forward(
     local_port: int,
     target: ssh.Target,
 ) -> Tunnel:
-    """Make the tunnel's master listen on 127.0.0.1:LOCAL and forward to TARGET."""
-    forward(cfg, host, master, local_port, target)
+    """Make the tunnel's master forward the session's socket (see forward_path) to TARGET;
+    the session's keeper holds 127.0.0.1:LOCAL_PORT and carries its connections there."""
+    forward(cfg, host, master, forward_path(local_port), target)
     return replace(
         master,
         local_port=local_port,
@@ -140,25 +151,26 @@ def forward(
     cfg: ssh.SshConfig,
     host: str,
     master: Tunnel,
-    local_port: int,
+    listen: int | str,
     target: ssh.Target,
     cancel: bool = False,
 ) -> None:
-    """One more forward over the master's connection (`ssh -O forward`: no new connection),
-    or with CANCEL, one less."""
+    """One more forward over the master's connection (`ssh -O forward`: no new connection)
+    from 127.0.0.1:LISTEN or the Unix socket at path LISTEN, or with CANCEL, one less."""
     done = proc.run(
-        ssh.forward_argv(cfg, host, master.control_path, local_port, target, cancel),
+        ssh.forward_argv(cfg, host, master.control_path, listen, target, cancel),
         timeout=15,
         what="removing the forward" if cancel else "adding the forward",
     )
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()
         said = last[-1] if last else "ssh failed"
+        what = f"port {listen}" if isinstance(listen, int) else "the session's socket"
         if cancel:
-            raise JlremoteError(f"could not stop forwarding port {local_port}: {said}")
-        if not port_is_free(local_port):
-            raise JlremoteError(f"local port {local_port} is already in use", ExitCode.LOCAL_PORT)
-        raise JlremoteError(f"could not forward local port {local_port}: {said}", ExitCode.TUNNEL)
+            raise JlremoteError(f"could not stop forwarding {what}: {said}")
+        if isinstance(listen, int) and not port_is_free(listen):
+            raise JlremoteError(f"local port {listen} is already in use", ExitCode.LOCAL_PORT)
+        raise JlremoteError(f"could not forward {what}: {said}", ExitCode.TUNNEL)
 
 
 def answers_http(port: int, timeout: float = 1.0) -> bool:

@@ -432,11 +432,11 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
     try:
         master = tunnel.start_master(cfg, host, probe_id, logfile)
         tcp_port = tunnel.pick_free_port()
-        master = tunnel.add_forward(cfg, host, master, tcp_port, ssh.Target(port=remote_port))
+        tunnel.forward(cfg, host, master, tcp_port, ssh.Target(port=remote_port))
         tcp_ok = _greeted(tcp_port)
         sock_port = tunnel.pick_free_port()
         with contextlib.suppress(JlremoteError):
-            tunnel.add_forward(cfg, host, master, sock_port, ssh.Target(socket=remote_sock))
+            tunnel.forward(cfg, host, master, sock_port, ssh.Target(socket=remote_sock))
             sock_ok = _greeted(sock_port)
     except JlremoteError as exc:
         add(Check("tcp-forward", "fail", exc.message, "see `ssh -v`"), exc.code)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jlremote import remote, scripts, slurm, ssh, supervisor, tunnel
+from jlremote import keeper, remote, scripts, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.options import (
@@ -233,37 +234,37 @@ def _reuse(
                 return None
     if alive and _answers(session, timeout=3.0):
         log.debug("session %s is alive; reusing it", session.name)
-        if not supervisor.of(session).alive():  # e.g. after a local reboot
-            session = _supervise(store, session)
         return _result(session, reused=True, reopened=False)
-    # We re-open the tunnel ourselves, now: its supervisor (if any) steps aside.
+    # We re-open the tunnel ourselves, now (its supervisor waits meanwhile, holding the
+    # port; one is started again where it has gone, e.g. after a reboot here).
     opts.progress(f"re-opening the tunnel to {session.host}")
-    lifecycle.close_local(session)
-    local_port = session.tunnel.local_port
-    if not tunnel.port_is_free(local_port):
-        if opts.local_port is not None and opts.local_port == local_port:
-            tunnel.require_free_port(local_port)
-        local_port = opts.local_port or tunnel.pick_free_port()
-        log.warning(
-            "local port %d is taken now; the session moves to port %d",
-            session.tunnel.local_port,
-            local_port,
-        )
-    try:
-        session, new_tunnel = _reopen(cfg, store, session, local_port, timeout=5.0)
-    except JlremoteError as exc:
-        if exc.code in (ExitCode.CONNECT, ExitCode.AUTH, ExitCode.NO_SSH, ExitCode.LOCAL_PORT):
-            raise
-        # SERVER: the re-open's own check found it gone. Otherwise there was no answer:
-        # the server may be gone. Ask the remote whether it is still ours.
-        if exc.code != ExitCode.SERVER and lifecycle.probe(cfg, store, session) == "running":
-            raise
-        _forget_gone(cfg, store, session)
-        return None
-    session = replace(session, tunnel=new_tunnel)
-    with store.transaction() as sessions:
-        sessions[session.name] = session
-    session = _supervise(store, session)
+    with store.tunnel_lock(session.name, timeout=cfg.connect_timeout + 30):
+        current = store.read().get(session.name)
+        if current is None or current.server.session_id != session.server.session_id:
+            raise JlremoteError(f"session {session.name!r} was stopped", ExitCode.NO_SESSION)
+        session = current
+        if not supervisor.of(session).alive():
+            fixed = opts.local_port is not None and opts.local_port == session.tunnel.local_port
+            session = _supervise(store, session, fixed=fixed)
+        elif tunnel.is_up(session.tunnel) and _answers(session, timeout=3.0):
+            return _result(session, reused=True, reopened=True)  # its supervisor did
+        tunnel.close_tunnel(session.tunnel)  # only its ssh: the port stays held
+        try:
+            session, new_tunnel = _reopen(cfg, store, session, timeout=5.0)
+        except JlremoteError as exc:
+            if exc.code in (ExitCode.CONNECT, ExitCode.AUTH, ExitCode.NO_SSH):
+                raise
+            # SERVER: the re-open's own check found it gone. Otherwise there was no
+            # answer: the server may be gone. Ask the remote whether it is still ours.
+            if exc.code != ExitCode.SERVER and lifecycle.probe(cfg, store, session) == "running":
+                raise
+            _forget_gone(cfg, store, session)
+            return None
+        with store.transaction() as sessions:
+            now = sessions.get(session.name)
+            if now is not None and now.server.session_id == session.server.session_id:
+                session = replace(now, tunnel=new_tunnel, server=session.server)
+                sessions[session.name] = session
     return _result(session, reused=True, reopened=True)
 
 
@@ -282,36 +283,56 @@ def _forget_gone(cfg: ssh.SshConfig, store: StateStore, session: Session) -> Non
     lifecycle.end(cfg, store, session, grace=0)
 
 
-def _supervise(store: StateStore, session: Session) -> Session:
-    """Give SESSION a supervisor that keeps its tunnel up, and record it."""
-    sup = supervisor.spawn(session.name)
-    session = replace(session, supervisor_pid=sup.pid, supervisor_created=sup.created)
+def _supervise(store: StateStore, session: Session, fixed: bool = False) -> Session:
+    """Give SESSION a supervisor that holds its local port and keeps its tunnel up, and
+    record it. The port is bound here and handed down; if it was taken meanwhile (say,
+    after a reboot here), the session moves to a free one, unless the user asked for that
+    port (FIXED)."""
+    port = session.tunnel.local_port
+    try:
+        listener = keeper.listen(port)
+    except JlremoteError:
+        if fixed:
+            raise
+        listener = keeper.listen(0)
+        log.warning(
+            "local port %d is taken now; the session moves to port %d",
+            port,
+            listener.getsockname()[1],
+        )
+    with listener:
+        sup = supervisor.spawn(session.name, listener)
+        port = int(listener.getsockname()[1])
     with store.transaction() as sessions:
+        current = sessions.get(session.name, session)
+        session = replace(
+            current,
+            supervisor_pid=sup.pid,
+            supervisor_created=sup.created,
+            tunnel=replace(current.tunnel, local_port=port),
+        )
         if session.name in sessions:
-            sessions[session.name] = replace(
-                sessions[session.name], supervisor_pid=sup.pid, supervisor_created=sup.created
-            )
+            sessions[session.name] = session
     return session
 
 
 def _reopen(
-    cfg: ssh.SshConfig, store: StateStore, session: Session, local_port: int, timeout: float
+    cfg: ssh.SshConfig, store: StateStore, session: Session, timeout: float
 ) -> tuple[Session, Tunnel]:
-    """A new tunnel for SESSION on LOCAL_PORT, proven to answer; on the session's login
-    node (should the host's name have led to another one, the session is pinned to its
-    own from now on: returned with the tunnel)."""
+    """A new tunnel for SESSION to its port's keeper, proven to answer; on the session's
+    login node (should the host's name have led to another one, the session is pinned to
+    its own from now on: returned with the tunnel)."""
     try:
-        return session, _reopen_once(
-            lifecycle.config_for(cfg, session), session, local_port, timeout
-        )
+        return session, _reopen_once(lifecycle.config_for(cfg, session), session, timeout)
     except JlremoteError as exc:
         if not lifecycle.wrong_login(session, exc):
             raise
     session = lifecycle.pin(store, session)
-    return session, _reopen_once(lifecycle.config_for(cfg, session), session, local_port, timeout)
+    return session, _reopen_once(lifecycle.config_for(cfg, session), session, timeout)
 
 
-def _reopen_once(cfg: ssh.SshConfig, session: Session, local_port: int, timeout: float) -> Tunnel:
+def _reopen_once(cfg: ssh.SshConfig, session: Session, timeout: float) -> Tunnel:
+    local_port = session.tunnel.local_port
     logfile = lifecycle.tunnel_log(session.name)
     t = tunnel.open_tunnel(
         cfg,
@@ -347,6 +368,9 @@ class _Tx:
     session_id: str = field(default_factory=lambda: secrets.token_hex(8))
     token: str = field(default_factory=lambda: secrets.token_hex(24))
     master: Tunnel | None = None  # the tunnel's own connection (closed on undo)
+    # The session's local port, bound first and handed to the supervisor, which holds it.
+    listener: socket.socket | None = None
+    local_port: int = 0
     sup: Owned | None = None  # the supervisor, spawned early (stopped on undo)
     attached: bool = False  # the server is another client's: not ours to stop
     # The login node the tunnel's connection reached (`NAME BOOT_ID`), and whether the
@@ -399,6 +423,13 @@ class _Tx:
             no_wait=o.no_wait,
         )
 
+    def hold_port(self) -> None:
+        """Bind the session's local port (--local-port, else a free one) now: from here on
+        it is ours, until the session ends (the supervisor holds it)."""
+        self.listener = keeper.listen(self.opts.local_port or 0)
+        self.undo.callback(self.listener.close)
+        self.local_port = int(self.listener.getsockname()[1])
+
     def own_master(self, master: Tunnel) -> None:
         if self.master is None:
             self.undo.callback(lambda: self.master and tunnel.close_tunnel(self.master))
@@ -427,7 +458,9 @@ class _Tx:
             wait = self.cfg.connect_timeout + 15
             self.master_login, _ = remote.hello(self.cfg, self.host, wait, via=master.control_path)
         tunnel.preload()
-        self.own_supervisor(supervisor.spawn(self.name, self.opts.wait + 60))
+        assert self.listener is not None
+        self.own_supervisor(supervisor.spawn(self.name, self.listener, self.opts.wait + 60))
+        self.listener.close()  # (the supervisor's copy holds the port)
 
 
 Backend = Callable[[_Tx], RemoteServer]
@@ -504,6 +537,7 @@ def _transaction(
         # Authenticate once (this may prompt), before anything runs in parallel. A host
         # that asks for a password or a code is asked once, by the tunnel's own
         # connection, which then carries the launch too (one_login).
+        tx.hold_port()
         opts.progress(f"connecting to {tx.host}")
         if opts.slurm:
             remote.warm(cfg, tx.host, timeout=cfg.connect_timeout + 15)
@@ -521,7 +555,7 @@ def _finish(tx: _Tx, server: RemoteServer, queued: Session | None = None) -> Ses
     record it completes, if that is still there) and keep everything acquired."""
     assert tx.master is not None and tx.sup is not None
     opts = tx.opts
-    local_port = opts.local_port or tunnel.pick_free_port()
+    local_port = tx.local_port
     opts.progress(
         f"forwarding 127.0.0.1:{local_port} to "
         + ("a private socket" if server.sock else f"port {server.port}")
@@ -845,7 +879,8 @@ def _queue(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> StartRe
         with store.transaction() as sessions:
             sessions[tx.name] = session
         undo.callback(_drop_record, store, tx.name, tx.session_id)
-        session = _supervise(store, session)
+        session = _supervise(store, session, fixed=True)
+        undo.callback(supervisor.of(session).stop)
         job = _look(cfg, session)
         undo.pop_all()
     return _queued_result(session, job)
@@ -991,7 +1026,7 @@ def complete(
     with contextlib.ExitStack() as undo:
         tx = _Tx(cfg, store, opts, undo, session_id=server.session_id, token=queued.token)
         tx.own_master(tunnel.start_master(cfg, tx.host, tx.session_id, tx.logfile))
-        tx.sup = own
+        tx.sup, tx.local_port = own, queued.tunnel.local_port  # (which holds that port)
         found = _await_job(
             tx,
             server.job_id,

@@ -101,6 +101,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 exposure=exposure(s.server),
                 tunnel_attempts=report.attempts if report and retrying else 0,
                 tunnel_error=report.last_error if report and retrying else None,
+                held=report.held if report and state not in ("up", "none") else 0,
                 last_activity=activity,
                 job_id=s.server.job_id,
                 node=s.server.node or job.node,

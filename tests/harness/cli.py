@@ -73,7 +73,7 @@ def http_get(url: str, token: str | None = None, timeout: float = 10) -> tuple[i
         with opener.open(req, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, b""
+        return exc.code, exc.read()
     except OSError:
         return 0, b""
 

@@ -78,6 +78,10 @@ def test_tunnel_argv() -> None:
         "-o",
         "ExitOnForwardFailure=yes",
         "-o",
+        "StreamLocalBindUnlink=yes",
+        "-o",
+        "StreamLocalBindMask=0177",
+        "-o",
         "ServerAliveInterval=5",
         "-o",
         "ServerAliveCountMax=3",
@@ -101,6 +105,13 @@ def test_tunnel_argv() -> None:
         "--",
         "gpubox",
     ]
+    # The session's own forward: from the private socket its port's keeper carries to.
+    sock = ssh.Target(socket="/home/u/.jlremote/sessions/ab/jupyter.sock")
+    assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", "/run/jl/port-9000", sock) == [
+        "/usr/bin/ssh", "-F", "/dev/null", "-o", "ControlPath=/run/jl/tun-ab",
+        "-O", "forward", "-L", "/run/jl/port-9000:/home/u/.jlremote/sessions/ab/jupyter.sock",
+        "--", "gpubox",
+    ]  # fmt: skip
     # Another app of the session, to a job's node behind the login host; and its end.
     app = ssh.Target(6006, host="10.1.2.7")
     assert ssh.forward_argv(CFG, "gpubox", "/run/jl/tun-ab", 9001, app, cancel=True) == [

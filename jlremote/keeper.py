@@ -1,0 +1,400 @@
+"""The session's local port, held by us for as long as the session exists.
+
+The supervisor listens on 127.0.0.1:PORT itself (the socket is bound by `start` and handed
+down, so the port is never free between one owner and the next) and carries each
+connection to the tunnel's own private Unix socket (0600, in the 0700 runtime directory),
+which the tunnel's ssh forwards to the server. When the tunnel is down, nothing listens
+on that socket: a connection is then held (accepted, its request kept) and carried
+through once a new tunnel is up, or answered with a 503 page after HOLD seconds. A
+request whose tunnel died before any answer came back is carried again on the next
+tunnel when its method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE), as a browser
+retries one on a reused connection; others get the same end as through a plain forward.
+
+One thread, one selector, non-blocking sockets: it copies with 256 KiB reads and writes
+at once what it reads, so the copy costs little next to ssh's encryption (`make bench`
+measures a download through it against a plain `ssh -L`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import html
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from jlremote.errors import ExitCode, JlremoteError
+
+log = logging.getLogger(__name__)
+
+HOLD = 120.0  # seconds a connection waits for the tunnel before it gets the 503 page
+TICK = 0.1  # how often held connections look for a tunnel
+CHUNK = 256 * 1024
+HIGH_WATER = 1024 * 1024  # stop reading a side while this much waits for the other
+REPLAY_LIMIT = 256 * 1024  # a request longer than this is not carried a second time
+REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
+MAX_CONNECTIONS = 512
+RETRIES = 3  # a request the server itself closes unanswered is not tried forever
+LINGER = 2.0  # after the 503 page: how long the client may take to close
+
+
+def hold_seconds() -> float:
+    """HOLD, or $JLREMOTE_HOLD_SECONDS (tests shorten it)."""
+    try:
+        return max(1.0, float(os.environ.get("JLREMOTE_HOLD_SECONDS", "")))
+    except ValueError:
+        return HOLD
+
+
+def listen(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:PORT (0: any free port). SO_REUSEADDR only, as ssh
+    binds: the connections of a previous owner in TIME_WAIT do not keep the port from us;
+    no SO_REUSEPORT, so no one (of any user) can listen on it beside us."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(128)
+    except OSError as exc:
+        s.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise JlremoteError(
+                f"local port {port} is already in use; choose another --local-port or leave it out",
+                ExitCode.LOCAL_PORT,
+            ) from None
+        raise
+    return s
+
+
+@dataclass(frozen=True)
+class Outage:
+    """What the 503 page says: the tunnel's state (`connecting`, `reconnecting`, `needs
+    login`, `failed`), the attempt, ssh's last error."""
+
+    host: str = ""
+    state: str = "connecting"
+    attempts: int = 0
+    last_error: str = ""
+    name: str = ""
+
+    @property
+    def final(self) -> bool:
+        """Waiting cannot help: the user must act (answered at once)."""
+        return self.state in ("needs login", "failed")
+
+    def page(self) -> bytes:
+        """The 503 answer, whole."""
+        where = f" to {self.host}" if self.host else ""
+        words = f"jlremote: {self.state}{where}"
+        if self.attempts:
+            words += f", attempt {self.attempts}"
+        if self.last_error:
+            words += f", last error: {self.last_error}"
+        if self.state == "needs login":
+            words += f"; run `jlremote start {self.host or self.name}` to log in again"
+        body = (
+            "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5>"
+            f"<title>jlremote: {html.escape(self.state)}</title>"
+            f"<p>{html.escape(words)}</p>\n"
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            "Content-Type: text/html; charset=utf-8\r\n"
+            "Cache-Control: no-store\r\n"
+            "Retry-After: 5\r\n"
+            "Connection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        return head + body
+
+
+HELD, LINKED, ANSWERING = "held", "linked", "answering"
+
+
+@dataclass(eq=False)
+class _Conn:
+    client: socket.socket
+    since: float
+    mode: str = HELD
+    up: socket.socket | None = None
+    to_up: bytearray = field(default_factory=bytearray)
+    to_client: bytearray = field(default_factory=bytearray)
+    # What the client sent before the server's first byte came back (None once it did,
+    # or when too long to carry again): sent again on the next tunnel.
+    request: bytearray | None = field(default_factory=bytearray)
+    client_eof: bool = False
+    up_eof: bool = False
+    tries: int = 0
+    retry_at: float = 0.0
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the request may be sent again: nothing sent yet, or an idempotent one."""
+        if self.request is None:
+            return False
+        return not self.request or bytes(self.request[:8]).split(b" ", 1)[0] in REPLAYABLE
+
+
+class Keeper:
+    """Holds LISTENER and carries its connections to the Unix socket UPSTREAM."""
+
+    def __init__(self, listener: socket.socket, upstream: str, hold: float | None = None):
+        self.listener = listener
+        self.upstream = upstream
+        self.hold = hold_seconds() if hold is None else hold
+        self.outage = Outage()  # set by the supervisor; read by this thread
+        self._sel = selectors.DefaultSelector()
+        self._conns: set[_Conn] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def port(self) -> int:
+        return int(self.listener.getsockname()[1])
+
+    @property
+    def held(self) -> int:
+        """Connections waiting for a tunnel now."""
+        return sum(1 for c in list(self._conns) if c.mode == HELD)
+
+    def start(self) -> Keeper:
+        self.listener.setblocking(False)
+        self._sel.register(self.listener, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._run, name="keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_tick = 0.0
+        while not self._stopping:
+            for key, events in self._sel.select(timeout=TICK):
+                if key.data is None:
+                    self._accept()
+                    continue
+                conn, side = key.data
+                if conn not in self._conns:
+                    continue
+                try:
+                    self._ready(conn, side, events)
+                except OSError as exc:
+                    self._failed(conn, side, exc)
+            now = time.monotonic()
+            if now - last_tick >= TICK:
+                last_tick = now
+                self._tick(now)
+        for conn in list(self._conns):
+            self._close(conn)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: wait a tick
+                log.warning("accept: %s", exc)
+                return
+            client.setblocking(False)
+            conn = _Conn(client, time.monotonic())
+            self._conns.add(conn)
+            if len(self._conns) > MAX_CONNECTIONS:
+                self._answer(conn)
+                continue
+            self._link(conn)
+            self._interest(conn)
+
+    def _tick(self, now: float) -> None:
+        outage = self.outage
+        for conn in list(self._conns):
+            if conn.mode == ANSWERING and now - conn.since > LINGER:
+                self._close(conn)
+            if conn.mode != HELD or now < conn.retry_at:
+                continue
+            if self._link(conn):
+                self._interest(conn)
+            elif outage.final or now - conn.since >= self.hold:
+                self._answer(conn)
+
+    def _link(self, conn: _Conn) -> bool:
+        """Carry CONN through the tunnel's socket, if a tunnel listens there now."""
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        up.setblocking(False)
+        try:
+            up.connect(self.upstream)
+        except OSError:  # no tunnel now (no socket, nobody listening, its backlog full)
+            up.close()
+            return False
+        conn.up, conn.up_eof, conn.mode = up, False, LINKED
+        if conn.request is not None:
+            conn.to_up = bytearray(conn.request)  # what it sent while held, or again
+        return True
+
+    def _unlink(self, conn: _Conn) -> None:
+        """The tunnel died before the server answered: hold CONN for the next one."""
+        self._drop_up(conn)
+        conn.mode, conn.to_up = HELD, bytearray()
+        conn.tries += 1
+        conn.retry_at = time.monotonic() + min(1.0, 0.1 * 2**conn.tries)
+        log.info("a request lost its tunnel before an answer; held for the next one")
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def _ready(self, conn: _Conn, side: str, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            if side == "client":
+                self._read_client(conn)
+            else:
+                self._read_up(conn)
+        if conn in self._conns and events & selectors.EVENT_WRITE:
+            self._flush(conn)
+        if conn in self._conns:
+            self._interest(conn)
+
+    def _read_client(self, conn: _Conn) -> None:
+        data = conn.client.recv(CHUNK)
+        if not data:
+            conn.client_eof = True
+            if conn.mode != LINKED:
+                self._close(conn)  # it gave up waiting (or after our page)
+                return
+            self._flush(conn)
+            return
+        if conn.mode == ANSWERING:
+            return  # what it still sends after the page is not read by anyone
+        if conn.request is not None:
+            if conn.mode == HELD or len(conn.request) + len(data) <= REPLAY_LIMIT:
+                conn.request += data  # (while held, all of it: it goes up at the link)
+            else:
+                conn.request = None
+        if conn.mode == LINKED:
+            conn.to_up += data
+            self._flush(conn)
+
+    def _read_up(self, conn: _Conn) -> None:
+        assert conn.up is not None
+        data = conn.up.recv(CHUNK)
+        if not data:
+            if conn.replayable and conn.tries < RETRIES:
+                self._unlink(conn)
+                return
+            conn.up_eof = True
+            self._flush(conn)
+            return
+        conn.request = None
+        conn.to_client += data
+        self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        """Write what waits on either side; pass each end-of-stream on once drained."""
+        if conn.to_client:
+            sent = _send(conn.client, conn.to_client)
+            del conn.to_client[:sent]
+        if conn.up is not None and conn.to_up:
+            sent = _send(conn.up, conn.to_up)
+            del conn.to_up[:sent]
+        if conn.mode == ANSWERING:
+            if not conn.to_client:
+                with contextlib.suppress(OSError):
+                    conn.client.shutdown(socket.SHUT_WR)
+            return
+        if conn.mode != LINKED:
+            return
+        if conn.up_eof and not conn.to_client:
+            with contextlib.suppress(OSError):
+                conn.client.shutdown(socket.SHUT_WR)
+        if conn.client_eof and not conn.to_up and conn.up is not None:
+            with contextlib.suppress(OSError):
+                conn.up.shutdown(socket.SHUT_WR)
+        if conn.up_eof and conn.client_eof and not conn.to_client and not conn.to_up:
+            self._close(conn)
+
+    def _failed(self, conn: _Conn, side: str, exc: OSError) -> None:
+        if side == "up" and conn.replayable and conn.tries < RETRIES:
+            self._unlink(conn)
+            self._interest(conn)
+            return
+        log.debug("connection closed on %s: %s", side, exc)
+        self._close(conn)
+
+    def _interest(self, conn: _Conn) -> None:
+        """Register what each side of CONN waits for now (back-pressure included)."""
+        read, write = selectors.EVENT_READ, selectors.EVENT_WRITE
+        room = {
+            LINKED: len(conn.to_up) < HIGH_WATER,
+            HELD: len(conn.request or b"") < REPLAY_LIMIT,
+            ANSWERING: True,
+        }
+        want = read if not conn.client_eof and room[conn.mode] else 0
+        if conn.to_client:
+            want |= write
+        _register(self._sel, conn.client, want, (conn, "client"))
+        if conn.up is not None:
+            want = 0
+            if not conn.up_eof and len(conn.to_client) < HIGH_WATER:
+                want |= read
+            if conn.to_up:
+                want |= write
+            _register(self._sel, conn.up, want, (conn, "up"))
+
+    # ---- endings -------------------------------------------------------------------------
+
+    def _answer(self, conn: _Conn) -> None:
+        """The 503 page (the tunnel did not come back in time, or cannot by itself)."""
+        self._drop_up(conn)
+        conn.mode, conn.since = ANSWERING, time.monotonic()
+        conn.to_client = bytearray(self.outage.page())
+        with contextlib.suppress(OSError):
+            self._flush(conn)
+        if conn in self._conns:
+            self._interest(conn)
+
+    def _drop_up(self, conn: _Conn) -> None:
+        if conn.up is not None:
+            _register(self._sel, conn.up, 0, None)
+            conn.up.close()
+            conn.up = None
+
+    def _close(self, conn: _Conn) -> None:
+        self._drop_up(conn)
+        _register(self._sel, conn.client, 0, None)
+        conn.client.close()
+        self._conns.discard(conn)
+
+
+def _send(sock: socket.socket, buf: bytearray) -> int:
+    try:
+        return sock.send(buf)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return 0
+        raise
+
+
+def _register(sel: selectors.BaseSelector, sock: socket.socket, want: int, data: object) -> None:
+    """Make SEL watch SOCK for WANT (0: not at all)."""
+    try:
+        key = sel.get_key(sock)
+    except (KeyError, ValueError):
+        key = None
+    if want == 0:
+        if key is not None:
+            sel.unregister(sock)
+        return
+    if key is None:
+        sel.register(sock, want, data)
+    elif key.events != want:
+        sel.modify(sock, want, data)

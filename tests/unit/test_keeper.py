@@ -1,0 +1,204 @@
+"""The port keeper (jlremote.keeper) with real sockets: a listener of its own on loopback,
+and as "the tunnel" a small HTTP server on a Unix socket that comes and goes."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jlremote import keeper
+from jlremote.errors import ExitCode, JlremoteError
+from tests.harness.testbed import wait_until
+
+
+class Upstream:
+    """What the tunnel's socket leads to: answers each request with its own first line
+    (or, with SILENT, closes every connection unanswered, as a tunnel that dies does)."""
+
+    def __init__(self, path: str, silent: bool = False) -> None:
+        self.path, self.silent, self.seen = path, silent, 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    data += got
+                self.seen += 1
+                if self.silent:
+                    continue
+                line = data.split(b"\r\n", 1)[0]
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(line), line))
+
+    def close(self) -> None:
+        self.sock.close()
+        Path(self.path).unlink()
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="jlr-k-") as d:
+        yield str(Path(d) / "port-sock")
+
+
+@pytest.fixture
+def keep(sock_path: str) -> Iterator[keeper.Keeper]:
+    k = keeper.Keeper(keeper.listen(0), sock_path, hold=3.0).start()
+    k.outage = keeper.Outage("gpubox", "reconnecting", 2, "Connection timed out", "gpubox")
+    yield k
+    k.stop()
+    k.listener.close()
+
+
+class Client(threading.Thread):
+    def __init__(self, port: int, request: bytes) -> None:
+        super().__init__(daemon=True)
+        self.port, self.request, self.answer, self.at = port, request, b"", 0.0
+        self.start()
+
+    def run(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=20) as s:
+            s.sendall(self.request)
+            while chunk := s.recv(65536):
+                self.answer += chunk
+        self.at = time.monotonic()
+
+
+GET = b"GET /api/status HTTP/1.0\r\nHost: x\r\n\r\n"
+POST = b"POST /api/kernels HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_a_request_waits_for_the_tunnel_and_goes_through(
+    keep: keeper.Keeper, sock_path: str
+) -> None:
+    c = Client(keep.port, GET)
+    wait_until(lambda: keep.held == 1, 5, "the request to be held")
+    time.sleep(0.3)
+    assert c.is_alive()  # held: neither refused nor answered
+    up = Upstream(sock_path)
+    try:
+        c.join(5)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0")
+        assert keep.held == 0
+    finally:
+        up.close()
+
+
+def test_past_the_bound_the_page_says_why(keep: keeper.Keeper) -> None:
+    t0 = time.monotonic()
+    c = Client(keep.port, GET)
+    c.join(10)
+    assert c.at - t0 >= 3.0
+    head, _, body = c.answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Retry-After: 5" in head and b"Connection: close" in head
+    assert (
+        b"<p>jlremote: reconnecting to gpubox, attempt 2, last error: Connection timed out</p>"
+        in body
+    )
+
+
+def test_a_login_only_the_user_can_give_is_said_at_once(keep: keeper.Keeper) -> None:
+    keep.outage = keeper.Outage("gpubox", "needs login", 1, "Permission denied", "gpubox")
+    c = Client(keep.port, GET)
+    c.join(2)
+    assert b"run `jlremote start gpubox` to log in again" in c.answer
+
+
+def test_an_idempotent_request_whose_tunnel_dies_unanswered_is_carried_again(
+    keep: keeper.Keeper, sock_path: str
+) -> None:
+    dying = Upstream(sock_path, silent=True)
+    c = Client(keep.port, GET)
+    wait_until(lambda: dying.seen >= 1, 5, "the dying tunnel to take the request")
+    dying.close()
+    up = Upstream(sock_path)
+    try:
+        c.join(5)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0")
+    finally:
+        up.close()
+
+
+def test_a_post_whose_tunnel_dies_unanswered_is_not_sent_twice(
+    keep: keeper.Keeper, sock_path: str
+) -> None:
+    dying = Upstream(sock_path, silent=True)
+    try:
+        c = Client(keep.port, POST)
+        c.join(5)
+        assert c.answer == b""  # closed, as a plain forward would
+        assert dying.seen == 1
+    finally:
+        dying.close()
+
+
+def test_a_big_download_arrives_whole(keep: keeper.Keeper, sock_path: str) -> None:
+    size = 64 * 1024 * 1024
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(sock_path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
+            block = b"x" * (1024 * 1024)
+            for _ in range(size // len(block)):
+                conn.sendall(block)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        total = 0
+        with socket.create_connection(("127.0.0.1", keep.port), timeout=20) as s:
+            s.sendall(GET)
+            while chunk := s.recv(1 << 20):
+                total += len(chunk)
+        assert total == size + len(b"HTTP/1.0 200 OK\r\n\r\n")
+    finally:
+        srv.close()
+
+
+def test_the_port_cannot_be_taken_beside_it(keep: keeper.Keeper) -> None:
+    for opt in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, opt, 1)
+            with pytest.raises(OSError):
+                s.bind(("127.0.0.1", keep.port))
+                s.listen(1)
+
+
+def test_a_busy_port_is_said_clearly(keep: keeper.Keeper) -> None:
+    with pytest.raises(JlremoteError) as err:
+        keeper.listen(keep.port)
+    assert err.value.code == ExitCode.LOCAL_PORT
+    assert f"local port {keep.port} is already in use" in err.value.message
+
+
+def test_hold_seconds_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JLREMOTE_HOLD_SECONDS", "2.5")
+    assert keeper.hold_seconds() == 2.5
+    monkeypatch.setenv("JLREMOTE_HOLD_SECONDS", "soon")
+    assert keeper.hold_seconds() == keeper.HOLD
+    with contextlib.suppress(Exception):
+        monkeypatch.delenv("JLREMOTE_HOLD_SECONDS")
+    assert keeper.hold_seconds() == keeper.HOLD
