@@ -90,13 +90,20 @@ class Outage:
     def page(self) -> bytes:
         """The 503 answer, whole."""
         where = f" to {self.host}" if self.host else ""
-        words = f"jlremote: {self.state}{where}"
-        if self.attempts:
-            words += f", attempt {self.attempts}"
-        if self.last_error:
-            words += f", last error: {self.last_error}"
+        again = f"`jlremote start {self.host or self.name}`"
+        error = self.last_error or "?"
         if self.state == "needs login":
-            words += f"; run `jlremote start {self.host or self.name}` to log in again"
+            words = f"jlremote: the tunnel{where} needs a new login ({error}); run {again}"
+            words += " to log in again"
+        elif self.state == "failed":
+            words = f"jlremote: the tunnel{where} gave up after {self.attempts} attempt(s): "
+            words += f"{error}; {again} tries again"
+        else:
+            words = f"jlremote: {self.state}{where}"
+            if self.attempts:
+                words += f", attempt {self.attempts}"
+            if self.last_error:
+                words += f", last error: {self.last_error}"
         body = (
             "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5>"
             f"<title>jlremote: {html.escape(self.state)}</title>"

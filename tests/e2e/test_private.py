@@ -218,7 +218,9 @@ def test_the_supervisor_never_reopens_to_a_squatted_port(
         wait_until(given_up, 60, "the supervisor to give up", interval=0.5)
         row = jl("status", "--json").json()[0]
         assert row["server"] == "gone" and "gone" in row["tunnel_error"]
-        assert http_get(old_url)[0] == 0  # nothing listens on the session's port
+        # The session's port is still held (no one else can take it), and says why.
+        status, body = http_get(old_url)
+        assert status == 503 and b"gave up after 1 attempt(s): the server on" in body, body
         r = jl("start", ALIAS)
         assert r.rc == 0, r.stderr
         assert http_get(api(r.url, "api/status"), token_of(r.url))[0] == 200

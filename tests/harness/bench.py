@@ -229,7 +229,7 @@ class Bench:
                 "plain forward",
             )
             ours_t, plain_t = [], []
-            for _ in range(3):
+            for _ in range(5):
                 plain_t.append(timed(lambda: download(plain_url)))
                 ours_t.append(timed(lambda: download(ours_url)))
             # throughput ratio = plain time / our time (higher is better)

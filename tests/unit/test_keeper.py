@@ -120,7 +120,10 @@ def test_a_login_only_the_user_can_give_is_said_at_once(keep: keeper.Keeper) -> 
     keep.outage = keeper.Outage("gpubox", "needs login", 1, "Permission denied", "gpubox")
     c = Client(keep.port, GET)
     c.join(2)
-    assert b"run `jlremote start gpubox` to log in again" in c.answer
+    assert (
+        b"jlremote: the tunnel to gpubox needs a new login (Permission denied); "
+        b"run `jlremote start gpubox` to log in again" in c.answer
+    )
 
 
 def test_an_idempotent_request_whose_tunnel_dies_unanswered_is_carried_again(
