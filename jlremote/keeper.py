@@ -24,8 +24,10 @@ import logging
 import os
 import selectors
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jlremote.errors import ExitCode, JlremoteError
@@ -63,10 +65,8 @@ def listen(port: int) -> socket.socket:
     except OSError as exc:
         s.close()
         if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise JlremoteError(
-                f"local port {port} is already in use; choose another --local-port or leave it out",
-                ExitCode.LOCAL_PORT,
-            ) from None
+            said = f"local port {port} is already in use"
+            raise JlremoteError(said, ExitCode.LOCAL_PORT) from None
         raise
     return s
 
@@ -156,6 +156,8 @@ class Keeper:
         self.hold = hold_seconds() if hold is None else hold
         self.outage = Outage()  # set by the supervisor; read by this thread
         self._sel = selectors.DefaultSelector()
+        self._buf = bytearray(CHUNK)  # every read lands here (one thread)
+        self._view = memoryview(self._buf)
         self._conns: set[_Conn] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -180,6 +182,11 @@ class Keeper:
         self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout=2)
+
+    def close(self) -> None:
+        """Stop, and let the port go (its connections end)."""
+        self.stop()
+        self.listener.close()
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -270,8 +277,9 @@ class Keeper:
             self._interest(conn)
 
     def _read_client(self, conn: _Conn) -> None:
-        data = conn.client.recv(CHUNK)
-        if not data:
+        n = conn.client.recv_into(self._buf)
+        data = self._view[:n]
+        if not n:
             conn.client_eof = True
             if conn.mode != LINKED:
                 self._close(conn)  # it gave up waiting (or after our page)
@@ -286,13 +294,12 @@ class Keeper:
             else:
                 conn.request = None
         if conn.mode == LINKED:
-            conn.to_up += data
-            self._flush(conn)
+            _forward(data, conn.up, conn.to_up)
 
     def _read_up(self, conn: _Conn) -> None:
         assert conn.up is not None
-        data = conn.up.recv(CHUNK)
-        if not data:
+        n = conn.up.recv_into(self._buf)
+        if not n:
             if conn.replayable and conn.tries < RETRIES:
                 self._unlink(conn)
                 return
@@ -300,8 +307,7 @@ class Keeper:
             self._flush(conn)
             return
         conn.request = None
-        conn.to_client += data
-        self._flush(conn)
+        _forward(self._view[:n], conn.client, conn.to_client)
 
     def _flush(self, conn: _Conn) -> None:
         """Write what waits on either side; pass each end-of-stream on once drained."""
@@ -380,7 +386,18 @@ class Keeper:
         self._conns.discard(conn)
 
 
-def _send(sock: socket.socket, buf: bytearray) -> int:
+def _forward(data: memoryview, to: socket.socket | None, pending: bytearray) -> None:
+    """DATA to TO: at once, unless something waits before it; what TO cannot take now is
+    kept in PENDING (sent when it is writable)."""
+    if pending or to is None:
+        pending += data
+        return
+    sent = _send(to, data)
+    if sent < len(data):
+        pending += data[sent:]
+
+
+def _send(sock: socket.socket, buf: bytearray | memoryview) -> int:
     try:
         return sock.send(buf)
     except (BlockingIOError, InterruptedError):
@@ -405,3 +422,159 @@ def _register(sel: selectors.BaseSelector, sock: socket.socket, want: int, data:
         sel.register(sock, want, data)
     elif key.events != want:
         sel.modify(sock, want, data)
+
+
+# ---- all of a session's ports, and how a command hands over one more -----------------------
+
+
+class Ports:
+    """A session's held ports: its own (Jupyter's, MAIN) and its other apps' (`--forward`),
+    one Keeper each; and a Unix socket at PATH (0600 in the 0700 runtime directory) where
+    a command of the same user hands over one more listening socket to hold (`hold`), or
+    asks to let one go (`release`). So an app's port, too, is bound by the command that
+    adds it and held from then on, never free between the two."""
+
+    def __init__(self, main: Keeper, path: str, upstream: Callable[[int], str]) -> None:
+        self.main = main
+        self.path = path
+        self.upstream = upstream  # the tunnel's socket for a port
+        self.apps: dict[int, Keeper] = {}
+        self._outage = Outage()
+        self._lock = threading.Lock()
+        self._desk: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        return self.main.port
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            keepers = [self.main, *self.apps.values()]
+        return sum(k.held for k in keepers)
+
+    @property
+    def outage(self) -> Outage:
+        return self._outage
+
+    @outage.setter
+    def outage(self, value: Outage) -> None:
+        self._outage = value
+        with self._lock:
+            for k in (self.main, *self.apps.values()):
+                k.outage = value
+
+    def start(self) -> Ports:
+        self.main.start()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        desk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            desk.bind(self.path)
+        finally:
+            os.umask(old)
+        desk.listen(8)
+        self._desk = desk
+        threading.Thread(target=self._serve, args=(desk,), name="ports", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        """Let every port go."""
+        if self._desk is not None:
+            with contextlib.suppress(OSError):
+                self._desk.shutdown(socket.SHUT_RDWR)  # (wakes its accept)
+            self._desk.close()
+        with self._lock:
+            keepers = [self.main, *self.apps.values()]
+            self.apps.clear()
+        for k in keepers:
+            k.close()
+
+    def _serve(self, desk: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = desk.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    answer = self._one(conn)
+                except (OSError, ValueError) as exc:
+                    answer = f"error: {exc}"
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer.encode() + b"\n")
+
+    def _one(self, conn: socket.socket) -> str:
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, SO_PEERCRED, 12))[1]
+        if uid != os.getuid():
+            return "error: not yours"
+        msg, fds, _, _ = socket.recv_fds(conn, 256, 1)
+        words = msg.decode().split()
+        if len(words) != 2 or not words[1].isdigit():
+            for fd in fds:
+                os.close(fd)
+            return "error: what?"
+        op, port = words[0], int(words[1])
+        if op == "hold" and len(fds) == 1:
+            listener = socket.socket(fileno=fds[0])
+            k = Keeper(listener, self.upstream(port), self.main.hold)
+            k.outage = self._outage
+            with self._lock:
+                old = self.apps.pop(port, None)
+                self.apps[port] = k.start()
+            if old is not None:
+                old.close()
+            log.info("holding port %d", port)
+            return "ok"
+        for fd in fds:
+            os.close(fd)
+        if op == "release":
+            with self._lock:
+                gone = self.apps.pop(port, None)
+            if gone is not None:
+                gone.close()
+                log.info("let port %d go", port)
+            return "ok"
+        return "error: what?"
+
+
+SO_PEERCRED = getattr(socket, "SO_PEERCRED", 17)
+
+
+def _ask(desk_path: str, message: str, fds: list[int], wait: float) -> None:
+    """Send MESSAGE (and FDS) to the desk at DESK_PATH; raise unless it says ok. Waits up
+    to WAIT seconds for the desk to be there (a supervisor just spawned)."""
+    deadline = time.monotonic() + wait
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(5)
+            s.connect(desk_path)
+            socket.send_fds(s, [message.encode()], fds)
+            answer = s.makefile("rb").readline().decode().strip()
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise JlremoteError(
+                    "the session's supervisor does not answer (is it running? "
+                    "`jlremote start` starts it again)",
+                    ExitCode.TUNNEL,
+                ) from None
+            time.sleep(0.05)
+        finally:
+            s.close()
+    if answer != "ok":
+        raise JlremoteError(f"the session's supervisor said: {answer}", ExitCode.TUNNEL)
+
+
+def hand(desk_path: str, listener: socket.socket, wait: float = 5.0) -> None:
+    """Give LISTENER to the supervisor whose desk is at DESK_PATH, to hold from now on."""
+    port = int(listener.getsockname()[1])
+    _ask(desk_path, f"hold {port}", [listener.fileno()], wait)
+
+
+def release(desk_path: str, port: int) -> None:
+    """Ask the supervisor whose desk is at DESK_PATH to let PORT go."""
+    _ask(desk_path, f"release {port}", [], 0.0)

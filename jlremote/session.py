@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import browser, remote, ssh, supervisor, tunnel
+from jlremote import browser, keeper, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import AppForward, Session, StateStore, Tunnel
@@ -92,13 +92,24 @@ def pin(store: StateStore | None, session: Session) -> Session:
 
 
 def add_apps(cfg: ssh.SshConfig, session: Session, master: Tunnel) -> None:
-    """Forward SESSION's other apps again over MASTER (a re-opened tunnel), on the same
-    local ports. One that cannot be (its port taken meanwhile) is said, not fatal."""
+    """Forward SESSION's other apps again over MASTER (a re-opened tunnel), from the
+    sockets their held ports are carried to. One that cannot be is said, not fatal."""
     for app in session.forwards:
         try:
-            tunnel.forward(
-                cfg, session.host, master, app.local_port, session.app_target(app.remote_port)
-            )
+            target = session.app_target(app.remote_port)
+            tunnel.forward(cfg, session.host, master, tunnel.forward_path(app.local_port), target)
+        except JlremoteError as exc:
+            log.warning("%s: %s: %s", session.name, app.label, exc.message)
+
+
+def hold_apps(session: Session) -> None:
+    """Hand SESSION's apps' ports to its (new) supervisor again; one taken meanwhile is
+    said, not fatal."""
+    desk = tunnel.desk_path(session.tunnel.local_port)
+    for app in session.forwards:
+        try:
+            with keeper.listen(app.local_port) as listener:
+                keeper.hand(desk, listener)
         except JlremoteError as exc:
             log.warning("%s: %s: %s", session.name, app.label, exc.message)
 
@@ -106,21 +117,21 @@ def add_apps(cfg: ssh.SshConfig, session: Session, master: Tunnel) -> None:
 def new_apps(
     cfg: ssh.SshConfig, session: Session, wanted: list[AppForward]
 ) -> tuple[AppForward, ...]:
-    """WANTED forwarded too (a free local port for each without one) over SESSION's
-    tunnel when it is up (its keeper adds them at its next re-open otherwise); returns
-    SESSION's forwards with them. Nothing is forwarded unless all can be."""
+    """WANTED forwarded too: each port (a free one where none is given) bound here and
+    handed to SESSION's supervisor, which holds it from then on, and forwarded over
+    SESSION's tunnel when it is up (its keeper adds them at its next re-open otherwise);
+    returns SESSION's forwards with them. Nothing is forwarded unless all can be."""
     added: list[AppForward] = []
-    taken = {a.local_port for a in session.forwards} | {session.tunnel.local_port}
+    desk = tunnel.desk_path(session.tunnel.local_port)
     try:
         for app in wanted:
-            port = app.local_port or tunnel.pick_free_port(avoid=taken)
-            taken.add(port)
+            with keeper.listen(app.local_port) as listener:
+                port = int(listener.getsockname()[1])
+                keeper.hand(desk, listener)
+            added.append(replace(app, local_port=port))
             if tunnel.is_up(session.tunnel):
                 target = session.app_target(app.remote_port)
-                tunnel.forward(cfg, session.host, session.tunnel, port, target)
-            elif not tunnel.port_is_free(port):
-                raise JlremoteError(f"local port {port} is already in use", ExitCode.LOCAL_PORT)
-            added.append(replace(app, local_port=port))
+                tunnel.forward(cfg, session.host, session.tunnel, tunnel.forward_path(port), target)
     except BaseException:
         drop_apps(cfg, session, added)
         raise
@@ -128,13 +139,18 @@ def new_apps(
 
 
 def drop_apps(cfg: ssh.SshConfig, session: Session, apps: list[AppForward]) -> None:
-    """Stop forwarding APPS (quietly: a tunnel that is down forwards nothing)."""
-    if not tunnel.is_up(session.tunnel):
-        return
+    """Stop forwarding APPS, and let their ports go (quietly: a tunnel that is down
+    forwards nothing)."""
+    desk = tunnel.desk_path(session.tunnel.local_port)
+    up = tunnel.is_up(session.tunnel)
     for app in apps:
         with contextlib.suppress(JlremoteError):
-            target = session.app_target(app.remote_port)
-            tunnel.forward(cfg, session.host, session.tunnel, app.local_port, target, cancel=True)
+            keeper.release(desk, app.local_port)
+        if up:
+            with contextlib.suppress(JlremoteError):
+                target = session.app_target(app.remote_port)
+                path = tunnel.forward_path(app.local_port)
+                tunnel.forward(cfg, session.host, session.tunnel, path, target, cancel=True)
 
 
 def tunnel_state(session: Session) -> str:
@@ -163,9 +179,12 @@ def close_local(session: Session) -> bool:
     the tunnel was up."""
     supervisor.stop(session)
     was_up = tunnel.close_tunnel(session.tunnel)
-    if session.tunnel.local_port:  # the forward's socket, if its ssh was killed
-        with contextlib.suppress(FileNotFoundError):
-            Path(tunnel.forward_path(session.tunnel.local_port)).unlink()
+    if session.tunnel.local_port:  # the sockets a killed ssh or supervisor left
+        ports = [session.tunnel.local_port, *(a.local_port for a in session.forwards)]
+        paths = [tunnel.forward_path(p) for p in ports]
+        for path in [*paths, tunnel.desk_path(session.tunnel.local_port)]:
+            with contextlib.suppress(FileNotFoundError):
+                Path(path).unlink()
     return was_up
 
 

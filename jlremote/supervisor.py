@@ -151,7 +151,7 @@ class _Stop(Exception):
     pass
 
 
-def run(name: str, wait: float, port: keeper.Keeper) -> int:
+def run(name: str, wait: float, port: keeper.Ports) -> int:
     """The supervisor's loop; returns when the session is gone, or is no longer ours (a
     new server got its own supervisor). PORT holds the session's port meanwhile."""
 
@@ -190,7 +190,7 @@ def run(name: str, wait: float, port: keeper.Keeper) -> int:
         return 0
 
 
-def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Keeper) -> int:
+def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Ports) -> int:
     """Keep NAME's tunnel up for as long as the session is ours."""
     from jlremote import session as lifecycle
 
@@ -360,8 +360,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     name, wait, fd = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     listener = socket.socket(fileno=fd)
-    port = keeper.Keeper(listener, tunnel.forward_path(listener.getsockname()[1])).start()
-    sys.exit(run(name, wait, port))
+    local_port = int(listener.getsockname()[1])
+    main_port = keeper.Keeper(listener, tunnel.forward_path(local_port))
+    ports = keeper.Ports(main_port, tunnel.desk_path(local_port), tunnel.forward_path).start()
+    sys.exit(run(name, wait, ports))
 
 
 if __name__ == "__main__":

@@ -128,6 +128,14 @@ def forward_path(local_port: int) -> str:
     return str(runtime_dir() / f"port-{local_port}")
 
 
+def desk_path(local_port: int) -> str:
+    """Where the supervisor of the session on LOCAL_PORT takes more ports to hold (the
+    ports of its other apps): a 0600 Unix socket in the 0700 runtime directory."""
+    from jlremote.paths import runtime_dir
+
+    return str(runtime_dir() / f"keep-{local_port}")
+
+
 def add_forward(
     cfg: ssh.SshConfig,
     host: str,

@@ -313,6 +313,7 @@ def _supervise(store: StateStore, session: Session, fixed: bool = False) -> Sess
         )
         if session.name in sessions:
             sessions[session.name] = session
+    lifecycle.hold_apps(session)  # its apps' ports, held again too
     return session
 
 

@@ -32,10 +32,10 @@ OUTAGE = 30.0  # seconds the link is away
 # until the file STOP exists; print the attempts and how many of them got it.
 BINDER = r"""
 import os, socket, sys, time
-port, stop = int(sys.argv[1]), sys.argv[2]
+stop, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
 tries = got = 0
 while not os.path.exists(stop):
-    for addr in ("127.0.0.1", "0.0.0.0"):
+    for port, addr in [(p, a) for p in ports for a in ("127.0.0.1", "0.0.0.0")]:
         for opt in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, opt, 1)
@@ -54,9 +54,9 @@ print(tries, got)
 
 
 @contextlib.contextmanager
-def another_account_tries(testbed: Testbed, port: int) -> Iterator[None]:
-    """Meanwhile, another local account tries to listen on PORT, all the time; afterwards,
-    every attempt must have failed."""
+def another_account_tries(testbed: Testbed, *ports: int) -> Iterator[None]:
+    """Meanwhile, another local account tries to listen on PORTS, all the time;
+    afterwards, every attempt must have failed."""
     if os.geteuid() != 0 or not testbed.other_user:
         yield  # (no other account to be without root)
         return
@@ -64,7 +64,8 @@ def another_account_tries(testbed: Testbed, port: int) -> Iterator[None]:
     os.chmod(stop.parent, 0o755)
     python = "/usr/bin/python3"  # (ours may live in a home the other account cannot read)
     binder = subprocess.Popen(
-        ["runuser", "-u", testbed.other_user, "--", python, "-c", BINDER, str(port), str(stop)],
+        ["runuser", "-u", testbed.other_user, "--", python, "-c", BINDER, str(stop)]
+        + [str(p) for p in ports],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -79,8 +80,8 @@ def another_account_tries(testbed: Testbed, port: int) -> Iterator[None]:
     words = out.split()
     assert len(words) == 2 and all(w.isdigit() for w in words), out
     tries, got = int(words[0]), int(words[1])
-    print(f"another account tried to take port {port} {tries} times")
-    assert tries > 100 and got == 0, f"another account got port {port} {got} times"
+    print(f"another account tried to take ports {ports} {tries} times")
+    assert tries > 100 and got == 0, f"another account got one of {ports} {got} times"
 
 
 class Request(threading.Thread):
@@ -243,10 +244,12 @@ def test_an_open_page_rides_out_an_outage(jl: Jl, testbed: Testbed) -> None:
 
 
 def test_killed_tunnel_never_frees_the_port(jl: Jl, testbed: Testbed) -> None:
-    """kill -9 of the tunnel's ssh, three times: no other account gets the port meanwhile,
-    and a request sent at once is answered (held, then carried), not refused."""
-    url = jl("start", ALIAS).url
-    with another_account_tries(testbed, port_of(url)):
+    """kill -9 of the tunnel's ssh, three times: no other account gets the session's port
+    (nor its other app's) meanwhile, and a request sent at once is answered (held, then
+    carried), not refused."""
+    url = jl("start", ALIAS, "--forward", "app=6006").url
+    app = jl.sessions()[ALIAS]["forwards"][0]["local_port"]
+    with another_account_tries(testbed, port_of(url), app):
         for _ in range(3):
             old = tunnel_pid(jl)
             os.kill(old, signal.SIGKILL)

@@ -205,3 +205,35 @@ def test_hold_seconds_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     with contextlib.suppress(Exception):
         monkeypatch.delenv("JLREMOTE_HOLD_SECONDS")
     assert keeper.hold_seconds() == keeper.HOLD
+
+
+def test_a_port_handed_over_is_held_until_let_go(sock_path: str) -> None:
+    desk = str(Path(sock_path).parent / "desk")
+    main = keeper.Keeper(keeper.listen(0), sock_path)
+    ports = keeper.Ports(main, desk, lambda port: f"{sock_path}-{port}").start()
+    try:
+        _hand_and_release(ports, desk, sock_path)
+    finally:
+        ports.close()
+
+
+def _hand_and_release(ports: keeper.Ports, desk: str, sock_path: str) -> None:
+    with keeper.listen(0) as app:
+        port = int(app.getsockname()[1])
+        keeper.hand(desk, app)
+    # Ours alone closed: the supervisor's copy holds it.
+    with pytest.raises(JlremoteError):
+        keeper.listen(port).close()
+    c = Client(port, GET)
+    wait_until(lambda: ports.held == 1, 5, "the app's request to be held")
+    up = Upstream(f"{sock_path}-{port}")
+    try:
+        c.join(5)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0")
+    finally:
+        up.close()
+    keeper.release(desk, port)
+    keeper.listen(port).close()  # free again
+    with pytest.raises(JlremoteError) as err:
+        keeper.release(desk + "-nobody", port)
+    assert "supervisor does not answer" in err.value.message
