@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,14 @@ def _hand_and_release(ports: keeper.Ports, desk: str, sock_path: str) -> None:
     with pytest.raises(JlremoteError) as err:
         keeper.release(desk + "-nobody", port)
     assert "supervisor does not answer" in err.value.message
+
+
+def test_status_says_how_many_connections_wait() -> None:
+    from jlremote import render
+    from jlremote.results import StatusRow
+
+    row = StatusRow("gpu", "gpu", "http://127.0.0.1:1/lab", "running", "reconnecting", 1, 0, 7, 0)
+    assert render._tunnel(row) == "reconnecting"
+    row = replace(row, tunnel_attempts=3, held=2)
+    assert render._tunnel(row) == "reconnecting (3), 2 held"
+    assert row.to_json()["held"] == 2
