@@ -558,7 +558,7 @@ def _ask(desk_path: str, message: str, fds: list[int], wait: float) -> None:
         except (FileNotFoundError, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise JlremoteError(
-                    "the session's supervisor does not answer (is it running? "
+                    "the session's supervisor does not answer: it has gone; "
                     "`jlremote start` starts it again)",
                     ExitCode.TUNNEL,
                 ) from None
