@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import html
 import logging
 import os
@@ -33,6 +34,13 @@ from dataclasses import dataclass, field
 from jlremote.errors import ExitCode, JlremoteError
 
 log = logging.getLogger(__name__)
+
+# Linux moves the server's bytes from the tunnel's socket to the client's through a pipe
+# (splice): no copy through this process, about half its CPU time per byte. Elsewhere
+# (macOS), recv_into one buffer and send from it.
+SPLICE = hasattr(os, "splice")
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 HOLD = 120.0  # seconds a connection waits for the tunnel before it gets the 503 page
 TICK = 0.1  # how often held connections look for a tunnel
@@ -138,6 +146,10 @@ class _Conn:
     up_eof: bool = False
     tries: int = 0
     retry_at: float = 0.0
+    # With splice: the server's bytes go through this pipe (read end, write end), and
+    # PIPED of them wait there for the client.
+    pipe: tuple[int, int] | None = None
+    piped: int = 0
 
     @property
     def replayable(self) -> bool:
@@ -150,10 +162,17 @@ class _Conn:
 class Keeper:
     """Holds LISTENER and carries its connections to the Unix socket UPSTREAM."""
 
-    def __init__(self, listener: socket.socket, upstream: str, hold: float | None = None):
+    def __init__(
+        self,
+        listener: socket.socket,
+        upstream: str,
+        hold: float | None = None,
+        splice: bool = SPLICE,
+    ):
         self.listener = listener
         self.upstream = upstream
         self.hold = hold_seconds() if hold is None else hold
+        self.splice = splice  # the server's bytes to the client without a copy through us
         self.outage = Outage()  # set by the supervisor; read by this thread
         self._sel = selectors.DefaultSelector()
         self._buf = bytearray(CHUNK)  # every read lands here (one thread)
@@ -298,7 +317,19 @@ class Keeper:
 
     def _read_up(self, conn: _Conn) -> None:
         assert conn.up is not None
-        n = conn.up.recv_into(self._buf)
+        if self.splice:
+            if conn.pipe is None:
+                conn.pipe = _pipe()
+            try:
+                n = os.splice(conn.up.fileno(), conn.pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            if n:
+                conn.request, conn.piped = None, n
+                self._flush(conn)
+                return
+        else:
+            n = conn.up.recv_into(self._buf)
         if not n:
             if conn.replayable and conn.tries < RETRIES:
                 self._unlink(conn)
@@ -314,6 +345,10 @@ class Keeper:
         if conn.to_client:
             sent = _send(conn.client, conn.to_client)
             del conn.to_client[:sent]
+        if conn.piped and conn.pipe is not None:
+            with contextlib.suppress(BlockingIOError):
+                fd = conn.client.fileno()
+                conn.piped -= os.splice(conn.pipe[0], fd, conn.piped, flags=SPLICE_FLAGS)
         if conn.up is not None and conn.to_up:
             sent = _send(conn.up, conn.to_up)
             del conn.to_up[:sent]
@@ -324,13 +359,14 @@ class Keeper:
             return
         if conn.mode != LINKED:
             return
-        if conn.up_eof and not conn.to_client:
+        drained = not conn.to_client and not conn.piped
+        if conn.up_eof and drained:
             with contextlib.suppress(OSError):
                 conn.client.shutdown(socket.SHUT_WR)
         if conn.client_eof and not conn.to_up and conn.up is not None:
             with contextlib.suppress(OSError):
                 conn.up.shutdown(socket.SHUT_WR)
-        if conn.up_eof and conn.client_eof and not conn.to_client and not conn.to_up:
+        if conn.up_eof and conn.client_eof and drained and not conn.to_up:
             self._close(conn)
 
     def _failed(self, conn: _Conn, side: str, exc: OSError) -> None:
@@ -350,12 +386,12 @@ class Keeper:
             ANSWERING: True,
         }
         want = read if not conn.client_eof and room[conn.mode] else 0
-        if conn.to_client:
+        if conn.to_client or conn.piped:
             want |= write
         _register(self._sel, conn.client, want, (conn, "client"))
         if conn.up is not None:
             want = 0
-            if not conn.up_eof and len(conn.to_client) < HIGH_WATER:
+            if not conn.up_eof and len(conn.to_client) < HIGH_WATER and not conn.piped:
                 want |= read
             if conn.to_up:
                 want |= write
@@ -383,7 +419,19 @@ class Keeper:
         self._drop_up(conn)
         _register(self._sel, conn.client, 0, None)
         conn.client.close()
+        if conn.pipe is not None:
+            for fd in conn.pipe:
+                os.close(fd)
+            conn.pipe = None
         self._conns.discard(conn)
+
+
+def _pipe() -> tuple[int, int]:
+    """A pipe for splice, as big as one read where the system lets us."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(w, F_SETPIPE_SZ, CHUNK)
+    return r, w
 
 
 def _forward(data: memoryview, to: socket.socket | None, pending: bytearray) -> None:

@@ -60,9 +60,13 @@ def sock_path() -> Iterator[str]:
         yield str(Path(d) / "port-sock")
 
 
-@pytest.fixture
-def keep(sock_path: str) -> Iterator[keeper.Keeper]:
-    k = keeper.Keeper(keeper.listen(0), sock_path, hold=3.0).start()
+@pytest.fixture(params=[True, False], ids=["splice", "copy"])
+def keep(sock_path: str, request: pytest.FixtureRequest) -> Iterator[keeper.Keeper]:
+    """A keeper that moves the server's bytes with splice (Linux), or copies them (the
+    way it does where there is no splice, e.g. on macOS)."""
+    if request.param and not keeper.SPLICE:
+        pytest.skip("no splice here")
+    k = keeper.Keeper(keeper.listen(0), sock_path, hold=3.0, splice=request.param).start()
     k.outage = keeper.Outage("gpubox", "reconnecting", 2, "Connection timed out", "gpubox")
     yield k
     k.stop()
