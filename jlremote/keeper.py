@@ -150,6 +150,9 @@ class _Conn:
     # PIPED of them wait there for the client.
     pipe: tuple[int, int] | None = None
     piped: int = 0
+    # What the selector watches on each side now (so that it is told only of changes).
+    client_mask: int = 0
+    up_mask: int = 0
 
     @property
     def replayable(self) -> bool:
@@ -223,10 +226,16 @@ class Keeper:
                     self._ready(conn, side, events)
                 except OSError as exc:
                     self._failed(conn, side, exc)
+                except Exception:  # a bug: that connection ends, the port stays served
+                    log.exception("connection on %s", side)
+                    self._close(conn)
             now = time.monotonic()
             if now - last_tick >= TICK:
                 last_tick = now
-                self._tick(now)
+                try:
+                    self._tick(now)
+                except Exception:
+                    log.exception("tick")
         for conn in list(self._conns):
             self._close(conn)
 
@@ -238,6 +247,7 @@ class Keeper:
                 return
             except OSError as exc:  # EMFILE and the like: wait a tick
                 log.warning("accept: %s", exc)
+                time.sleep(TICK)
                 return
             client.setblocking(False)
             conn = _Conn(client, time.monotonic())
@@ -320,14 +330,30 @@ class Keeper:
         if self.splice:
             if conn.pipe is None:
                 conn.pipe = _pipe()
-            try:
-                n = os.splice(conn.up.fileno(), conn.pipe[1], CHUNK, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                return
-            if n:
-                conn.request, conn.piped = None, n
-                self._flush(conn)
-                return
+            up, (r, w), client = conn.up.fileno(), conn.pipe, conn.client.fileno()
+            moved, ended = 0, False
+            # While the server sends and the client takes, go on without waiting for the
+            # selector between chunks (ssh writes a channel's data some 32 KiB at a time):
+            # two system calls per chunk, and little of Python.
+            while not conn.piped:
+                try:
+                    n = os.splice(up, w, CHUNK, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    break
+                if not n:
+                    ended = True
+                    break
+                moved += n
+                try:
+                    out = os.splice(r, client, n, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    out = 0
+                conn.piped = n - out
+            if moved:
+                conn.request = None
+            if not ended:
+                return  # (what waits in the pipe goes on once the client can take it)
+            n = 0
         else:
             n = conn.up.recv_into(self._buf)
         if not n:
@@ -380,22 +406,24 @@ class Keeper:
     def _interest(self, conn: _Conn) -> None:
         """Register what each side of CONN waits for now (back-pressure included)."""
         read, write = selectors.EVENT_READ, selectors.EVENT_WRITE
-        room = {
-            LINKED: len(conn.to_up) < HIGH_WATER,
-            HELD: len(conn.request or b"") < REPLAY_LIMIT,
-            ANSWERING: True,
-        }
-        want = read if not conn.client_eof and room[conn.mode] else 0
-        if conn.to_client or conn.piped:
-            want |= write
-        _register(self._sel, conn.client, want, (conn, "client"))
+        if conn.client_eof:
+            room = False
+        elif conn.mode == LINKED:
+            room = len(conn.to_up) < HIGH_WATER
+        elif conn.mode == HELD:
+            room = len(conn.request or b"") < REPLAY_LIMIT
+        else:
+            room = True
+        want = (read if room else 0) | (write if conn.to_client or conn.piped else 0)
+        if want != conn.client_mask:
+            _register(self._sel, conn.client, want, (conn, "client"))
+            conn.client_mask = want
         if conn.up is not None:
-            want = 0
-            if not conn.up_eof and len(conn.to_client) < HIGH_WATER and not conn.piped:
-                want |= read
-            if conn.to_up:
-                want |= write
-            _register(self._sel, conn.up, want, (conn, "up"))
+            more = not conn.up_eof and len(conn.to_client) < HIGH_WATER and not conn.piped
+            want = (read if more else 0) | (write if conn.to_up else 0)
+            if want != conn.up_mask:
+                _register(self._sel, conn.up, want, (conn, "up"))
+                conn.up_mask = want
 
     # ---- endings -------------------------------------------------------------------------
 
@@ -413,11 +441,12 @@ class Keeper:
         if conn.up is not None:
             _register(self._sel, conn.up, 0, None)
             conn.up.close()
-            conn.up = None
+            conn.up, conn.up_mask = None, 0
 
     def _close(self, conn: _Conn) -> None:
         self._drop_up(conn)
         _register(self._sel, conn.client, 0, None)
+        conn.client_mask = 0
         conn.client.close()
         if conn.pipe is not None:
             for fd in conn.pipe:
