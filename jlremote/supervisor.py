@@ -7,7 +7,7 @@ not even while the tunnel is re-opened, and carries each connection to the tunne
 private socket. Every half second it checks the tunnel's ssh (PID + create time + control
 path); when that has died (the link dropped and the keepalives gave up, the laptop slept,
 someone killed it) it opens a new one, and the connections held meanwhile go through.
-Retries back off from 1 s, doubling, capped at 5 s, for as long as the session exists; an
+Retries back off from 1 s, doubling, capped at 2 s, for as long as the session exists; an
 authentication or host-key failure will not heal by retrying and stops the retries (the
 port stays held; `start` re-opens the tunnel). What it is doing is written to
 `supervisors/NAME.json` for `status`.
@@ -40,7 +40,7 @@ log = logging.getLogger("jlremote.supervisor")
 
 POLL = 0.5
 BACKOFF_FIRST = 1.0
-BACKOFF_CAP = 5.0
+BACKOFF_CAP = 2.0  # a network that comes back is used within about 2 s
 MODULE = "jlremote.supervisor"
 
 
