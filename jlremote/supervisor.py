@@ -180,13 +180,13 @@ def run(name: str, wait: float, port: keeper.Ports) -> int:
             return 0
         return _keep(store, cfg, name, port)
     except _Stop:
+        # Also a master this loop was starting when told to stop (no record names it
+        # yet, and it may have no control socket yet): found by its argv.
         session = store.read().get(name)
         if session is not None and _mine(session):
             tunnel.close_tunnel(session.tunnel)
-        else:
-            # close_tunnel also finds, by its control socket, a master this loop was
-            # starting when told to stop (no record names it yet).
-            tunnel.close_tunnel(Tunnel(0, 0, control_path=tunnel.master_path(session_id)))
+        path = tunnel.master_path(session_id)  # (where _reopen starts one)
+        tunnel.close_tunnel(Tunnel(0, 0, control_path=path), search=True)
         return 0
 
 

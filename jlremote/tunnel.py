@@ -225,14 +225,15 @@ def is_up(tunnel: Tunnel) -> bool:
     return owned(tunnel).alive()
 
 
-def close_tunnel(tunnel: Tunnel, grace: float = 3.0) -> bool:
+def close_tunnel(tunnel: Tunnel, grace: float = 3.0, search: bool = False) -> bool:
     """Terminate our tunnel process (TERM, then KILL). False if it was already gone.
 
     A master that no record names (its start was interrupted) still holds the control
-    socket; only then are processes searched for it.
+    socket; only then are processes searched for it. With SEARCH, they are searched for
+    anyway: one may still be connecting (no control socket yet).
     """
     was_up = owned(tunnel).stop(grace)
-    if tunnel.control_path and os.path.exists(tunnel.control_path):
+    if tunnel.control_path and (search or os.path.exists(tunnel.control_path)):
         _kill_masters(tunnel.control_path, grace)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tunnel.control_path)
