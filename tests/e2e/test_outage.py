@@ -257,7 +257,7 @@ def test_killed_tunnel_never_frees_the_port(jl: Jl, testbed: Testbed) -> None:
             held.join(timeout=30)
             assert held.status == 200, held.body[:300]
             # (it may be carried through the new tunnel a moment before that is recorded)
-            wait_until(lambda: tunnel_pid(jl) != old, 10, "the new tunnel to be recorded")
+            wait_until(lambda o=old: tunnel_pid(jl) != o, 10, "the new tunnel to be recorded")
     assert row(jl)["tunnel"] == "up"
 
 
