@@ -290,7 +290,10 @@ def wait_for_api(
             return answer
         refused = log_path is not None and "open failed" in log_path.read_text(errors="replace")
         if refused or time.monotonic() >= deadline:
-            said = log_path.read_text(errors="replace").strip() if log_path else ""
+            logged = log_path.read_text(errors="replace").strip() if log_path else ""
+            # Each line once: ssh says the same refusal again for every connection tried
+            # (the port's keeper tries a refused request again, as after a dying tunnel).
+            said = "\n".join(dict.fromkeys(logged.splitlines()))
             failed = [line for line in said.splitlines() if "open failed" in line]
             why = f" (the remote end refused the forward: {failed[-1].strip()})" if failed else ""
             raise JlremoteError(
