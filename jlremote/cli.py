@@ -13,7 +13,7 @@ import typer
 
 from jlremote import __version__, completion, options, render
 from jlremote.errors import ExitCode, JlremoteError
-from jlremote.terminal import clean
+from jlremote.terminal import CleanFormatter, clean
 
 log = logging.getLogger("jlremote")
 
@@ -71,7 +71,7 @@ def _setup_logging(verbose: bool) -> None:
         fmt = (
             "jlremote: %(relativeCreated)6.0fms %(message)s" if verbose else "jlremote: %(message)s"
         )
-        root.handlers[0].setFormatter(logging.Formatter(fmt))
+        root.handlers[0].setFormatter(CleanFormatter(fmt))
     root.propagate = False
 
 

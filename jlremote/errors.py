@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     LOCAL_PORT = 8  # the asked-for local port is busy
     NO_SESSION = 9  # no session of that name
     TUNNEL = 10  # the forward could not be opened or did not answer
+    REMOTE_VALUE = 11  # the remote sent a value jlremote will not use (jlremote.untrusted)
 
 
 class JlremoteError(Exception):

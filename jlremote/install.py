@@ -15,7 +15,6 @@ import io
 import logging
 import re
 import shutil
-import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import proc, protocol, remote, scripts, ssh
+from jlremote import proc, protocol, remote, scripts, ssh, untrusted
 from jlremote.errors import ExitCode, JlremoteError
 
 log = logging.getLogger(__name__)
@@ -94,9 +93,10 @@ def probe(cfg: ssh.SshConfig, host: str) -> Platform:
         return Platform(
             python=head.get("PYTHON"),
             version=(major, minor),
-            machine=head.get("MACHINE"),
-            libc=libc,
-            libc_version=libc_version.strip(),
+            # These name the local wheel cache's folder (untrusted: no `..`, no `/`).
+            machine=untrusted.platform_tag(head.get("MACHINE"), "machine name"),
+            libc=untrusted.platform_tag(libc, "C library"),
+            libc_version=untrusted.platform_tag(libc_version.strip(), "C library version"),
             venv=head.get("VENV") == "1",
             free_kb=int(head.get("FREE") or 0),
             installed=tuple(head.all("INSTALLED")),
@@ -151,14 +151,15 @@ def wheels(p: Platform, progress: Callable[[str], None]) -> tuple[Path, str, boo
     root.mkdir(parents=True, exist_ok=True)
     work = root / f".{p.tag}.{int(time.time() * 1000)}"
     argv = [
-        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
+        *proc.python_argv("-m", "pip"), "download", "--disable-pip-version-check", "--quiet",
         "--only-binary=:all:", "--python-version", f"{p.version[0]}.{p.version[1]}",
         "--implementation", "cp", "--abi", f"cp{p.version[0]}{p.version[1]}",
         *(w for plat in p.pip_platforms() for w in ("--platform", plat)),
         "--dest", str(work), "jupyterlab", "pip",
     ]  # fmt: skip
     try:
-        got = proc.run(argv, timeout=900, what="pip download")
+        # In the cache, not the caller's folder: nothing there is imported (proc.python_argv).
+        got = proc.run(argv, timeout=900, what="pip download", cwd=root)
         if got.returncode != 0:
             said = [ln for ln in got.stderr.strip().splitlines() if "ERROR" in ln] or [
                 got.stderr.strip().splitlines()[-1] if got.stderr.strip() else "pip failed"

@@ -11,7 +11,7 @@ import logging
 import shutil
 import sys
 
-from jlremote import proc
+from jlremote import proc, untrusted
 from jlremote.errors import JlremoteError
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def desktop_argv(title: str, body: str) -> list[str] | None:
 
 def tell(title: str, body: str, tty: str = "") -> str:
     """Notify; returns how: `desktop`, `bell` or "" (nowhere to tell)."""
+    title, body = untrusted.text(title, 100), untrusted.text(body)  # (node, reason)
     argv = desktop_argv(title, body)
     if argv is not None:
         try:

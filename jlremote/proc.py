@@ -129,6 +129,7 @@ def run(
     stdin_text: str | bytes | None = None,
     output_file: Path | None = None,
     what: str = "command",
+    cwd: Path | None = None,
 ) -> Completed:
     """Run `argv` to completion and return its exit code and output.
 
@@ -152,6 +153,7 @@ def run(
                     stderr=out,
                     timeout=timeout,
                     input=data,
+                    cwd=cwd,
                 )
             return Completed(argv, proc.returncode, "", "")
         proc = subprocess.run(
@@ -160,6 +162,7 @@ def run(
             capture_output=True,
             timeout=timeout,
             input=data,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired:
         raise JlremoteError(
@@ -174,6 +177,14 @@ def run(
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
     )
+
+
+def python_argv(*args: str) -> list[str]:
+    """This Python running ARGS, never importing from the working directory (a `pip/` or
+    `jlremote/` folder there would run as the user): -P (Python 3.11+); callers run it in
+    a private directory too, for older Pythons."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, *args]
 
 
 def spawn_detached(

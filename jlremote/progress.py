@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from jlremote.untrusted import text as text_of_remote
+
 
 class ProgressLine:
     def __init__(self, enabled: bool) -> None:
@@ -23,7 +25,7 @@ class ProgressLine:
         if not self.enabled:
             return
         with self._lock:
-            self.text = text
+            self.text = text_of_remote(text)  # (a node name, Slurm's reason)
             self._draw()
         if self._ticker is None:
             self._ticker = threading.Thread(target=self._tick, daemon=True)

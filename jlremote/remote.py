@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from jlremote import proc, protocol, scripts, slurm, ssh
+from jlremote import options, proc, protocol, scripts, slurm, ssh, untrusted
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.scripts import Rc
 from jlremote.state import RemoteServer, Tunnel
@@ -143,10 +143,16 @@ def hello(cfg: ssh.SshConfig, host: str, timeout: float, via: str = "") -> tuple
     return _login(reply.head.get("LOGIN"))
 
 
-def _login(value: str) -> tuple[str, str]:
-    """`NAME BOOT_ID ADDR` as (`NAME BOOT_ID`, ADDR)."""
+def _login(value: str, session: str = "") -> tuple[str, str]:
+    """`NAME BOOT_ID ADDR` as (`NAME BOOT_ID`, ADDR), each checked: ADDR becomes an ssh
+    HostName when a session is pinned to its node (untrusted)."""
     words = value.split()
-    return " ".join(words[:2]), words[2] if len(words) > 2 else ""
+    if not words:
+        return "", ""
+    if len(words) > 3:
+        raise untrusted.refused(session, "login node", value)
+    login = untrusted.login(" ".join(words[:2]), session)
+    return login, untrusted.address(words[2], session) if len(words) > 2 else ""
 
 
 def pinned(cfg: ssh.SshConfig, host: str, addr: str) -> ssh.SshConfig:
@@ -194,15 +200,17 @@ class LaunchReport:
     here: bool = True  # False: another login node's entry (only that node can tell more)
 
 
-def report_of(record: protocol.Record) -> LaunchReport:
-    """A launch's (or a registry entry's) record as a LaunchReport."""
+def report_of(record: protocol.Record, session: str = "") -> LaunchReport:
+    """A launch's (or a registry entry's) record as a LaunchReport. Every value is checked
+    (untrusted): a registry entry is what the remote's shared home says."""
     entry = record.get("ENTRY")
     data = record.info_json()
-    login, login_addr = _login(record.get("LOGIN"))
+    session = session or untrusted.text(record.get("NAME"), 60)
+    login, login_addr = _login(record.get("LOGIN"), session)
     if entry and data is None and login and scripts.is_session_id(entry):
         return LaunchReport(
             pid=0, started="", cmdline="", session_dir="", port=0, base_url="/", version="",
-            session_id=entry, name=record.get("NAME"), kind=record.get("KIND"),
+            session_id=entry, name=_name(record, session), kind=record.get("KIND"),
             login=login, login_addr=login_addr, here=False,
         )  # fmt: skip
     try:
@@ -210,19 +218,21 @@ def report_of(record: protocol.Record) -> LaunchReport:
             raise ValueError(f"bad session id {entry!r}")
         if data is None:
             raise ValueError("no runtime JSON")
+        port = data["port"]
+        token = str(data.get("token") or "")
         return LaunchReport(
-            pid=int(record.get("PID")),
+            pid=untrusted.number(record.get("PID"), session),
             started=record.get("START"),
             cmdline=record.get("ARGS"),
             session_dir=record.get("DIR"),
-            port=int(data["port"]),
-            base_url=str(data.get("base_url") or "/"),
-            version=str(data.get("version", "")),
-            sock=str(data.get("sock") or ""),
+            port=untrusted.port(port, session) if port != 0 else 0,
+            base_url=untrusted.url_path(str(data.get("base_url") or "/"), session),
+            version=untrusted.text(str(data.get("version", "")), 40),
+            sock=untrusted.socket_path(str(data.get("sock") or ""), session),
             session_id=entry,
-            name=record.get("NAME"),
+            name=_name(record, session),
             kind=record.get("KIND"),
-            token=str(data.get("token") or ""),
+            token=untrusted.token(token, session) if token else "",
             login=login,
             login_addr=login_addr,
         )
@@ -233,12 +243,28 @@ def report_of(record: protocol.Record) -> LaunchReport:
         ) from exc
 
 
+def _name(record: protocol.Record, session: str) -> str:
+    name = record.get("NAME")
+    try:
+        return options.check_name(name) if name else ""
+    except JlremoteError:
+        raise untrusted.refused(session, "session name", name) from None
+
+
 def entries_of(reply: protocol.Reply) -> list[LaunchReport]:
     """The registry entries of a reply; an id that is not a whole id is skipped (it would
     name files and sockets here)."""
-    return [
-        report_of(entry) for entry in reply.entries if scripts.is_session_id(entry.get("ENTRY"))
-    ]
+    reports = []
+    for entry in reply.entries:
+        if not scripts.is_session_id(entry.get("ENTRY")):
+            continue
+        try:
+            reports.append(report_of(entry))
+        except JlremoteError as exc:
+            if exc.code != ExitCode.REMOTE_VALUE:
+                raise
+            log.warning("%s", exc.message)  # that entry only: the others are still shown
+    return reports
 
 
 @dataclass(frozen=True)
@@ -268,13 +294,14 @@ def launch(
         via=via,
     )
     if reply.entries:
-        report = report_of(reply.entries[0])
+        report = report_of(reply.entries[0], spec.name)
         if not report.here:
             log.info("session %s runs on the login node %s", spec.name, report.login)
             return Launched(server_of(report), elsewhere=report.login_addr)
         log.info("attaching to the running session %s on %s", spec.name, host)
         return Launched(server_of(report), attached_token=report.token)
-    report = replace(report_of(reply.head), session_id=spec.session_id, kind=spec.subcommand)
+    report = report_of(reply.head, spec.name)
+    report = replace(report, session_id=spec.session_id, kind=spec.subcommand)
     private = reply.head.get("PRIVATE")
     if private == "own":
         log.warning(
@@ -529,10 +556,11 @@ def _job_poll(reply: protocol.Reply, stderr: str) -> JobPoll:
     job = slurm.parse_job_state(head.get("JOBSTATE")) if head.has("JOBSTATE") else None
     node, _, address = head.get("NODE").partition(" ")
     failed = head.get("FAILED").strip()
+    address = address.strip()
     return JobPoll(
         job,
-        node=node,
-        address=address.strip(),
+        node=untrusted.host_name(node) if node else "",
+        address=untrusted.remote_host(address) if address else "",
         failed=int(failed) if failed.isdigit() else 0,
         info=head.info_json(),
         log_tail=stderr.strip(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from jlremote import untrusted
 from jlremote.errors import ExitCode, JlremoteError
 
 # Job states in which the job may still run (or soon will): anything else has ended
@@ -194,11 +195,13 @@ def parse_job_state(line: str) -> JobState:
     parts = line.strip().split("|")
     if len(parts) < 6 or not parts[0]:
         return JobState()
-    state, reason, node, left, start, note = parts[:6]
+    state, reason, node, left, start, note = (untrusted.text(p, 200) for p in parts[:6])
+    node = "" if node == "(null)" else node
     return JobState(
-        state=state.split()[0],
+        state=state.split()[0] if state.split() else "",
         reason="" if reason in ("None", "(null)") else reason,
-        node="" if node == "(null)" else node,
+        # A node name goes to ssh (%h) and to the screen: a strange one is not used.
+        node=node if untrusted.is_host_name(node) else "",
         time_left=left,
         comment="" if note == "(null)" else note,
         start=start if start[:1].isdigit() else "",

@@ -13,6 +13,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 
+from jlremote import untrusted
 from jlremote.errors import ExitCode, JlremoteError
 
 # Keepalives for the tunnel: a dead connection is noticed within ~15 s.
@@ -80,7 +81,10 @@ def _base(cfg: SshConfig) -> list[str]:
     if cfg.config_file:
         argv += ["-F", cfg.config_file]
     if cfg.pin is not None:
-        argv += ["-o", f"HostName={cfg.pin[0]}", "-o", f"HostKeyAlias={cfg.pin[1]}"]
+        # The address came from the remote (SSH_CONNECTION): `%h` in the user's
+        # ProxyCommand would run anything else in a local shell (untrusted).
+        addr = untrusted.address(cfg.pin[0])
+        argv += ["-o", f"HostName={addr}", "-o", f"HostKeyAlias={cfg.pin[1]}"]
     if cfg.batch:
         argv += ["-o", "BatchMode=yes"]
     return argv
@@ -144,6 +148,8 @@ def forward_spec(listen: int | str, target: Target) -> str:
     if target.socket:
         return f"{here}:{target.socket}"
     host = target.host or "127.0.0.1"
+    if target.host:  # a job's node, as the remote named it
+        untrusted.remote_host(host)
     if ":" in host:  # an IPv6 address
         host = f"[{host}]"
     return f"{here}:{host}:{target.port}"
@@ -162,6 +168,8 @@ def tunnel_master_argv(
     (see node_route_options), and never prompts: a node that wants a password is not a
     route."""
     to_node = [*node_route_options(cfg, host), "-o", "BatchMode=yes"] if node else []
+    if node:
+        untrusted.host_name(node)  # (from Slurm: it becomes %h, as in ProxyCommand)
     return [
         *_base(cfg),
         *to_node,
@@ -221,6 +229,8 @@ def probe_connect_argv(cfg: SshConfig, host: str, node: str = "") -> list[str]:
     really tests reaching and authenticating to HOST (or to NODE through HOST, as the
     tunnel would), and how long that takes."""
     jump = node_route_options(cfg, host) if node else []
+    if node:
+        untrusted.host_name(node)
     return [
         *_base(cfg), "-T", *PRIVATE_OPTIONS, *jump,
         "-o", "BatchMode=yes",

@@ -35,6 +35,7 @@ from jlremote import keeper, proc, remote, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
+from jlremote.terminal import CleanFormatter
 
 log = logging.getLogger("jlremote.supervisor")
 
@@ -107,8 +108,7 @@ def argv_for(name: str, wait: float, fd: int) -> list[str]:
     socket as descriptor FD. `-m` would put the caller's working directory first on the
     import path (a `jlremote/` folder there would run as the user): -P leaves it out
     (Python 3.11+), and spawn() runs it in the private state directory anyway."""
-    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    return [sys.executable, *safe_path, "-m", MODULE, name, f"{wait:g}", str(fd)]
+    return proc.python_argv("-m", MODULE, name, f"{wait:g}", str(fd))
 
 
 def spawn(name: str, listener: socket.socket, wait: float = 30.0) -> proc.Owned:
@@ -357,7 +357,9 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(CleanFormatter("%(asctime)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     name, wait, fd = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     listener = socket.socket(fileno=fd)
     local_port = int(listener.getsockname()[1])

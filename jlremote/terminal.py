@@ -3,6 +3,7 @@ terminal: escape sequences could retitle it, rewrite what was printed or worse."
 
 from __future__ import annotations
 
+import logging
 import re
 
 _ESCAPES = re.compile(
@@ -18,3 +19,10 @@ def clean(text: str) -> str:
     """TEXT without terminal control sequences or control characters (newlines and tabs
     stay)."""
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+class CleanFormatter(logging.Formatter):
+    """Log lines carry the remote's words (node names, addresses, ssh's stderr): cleaned."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return clean(super().format(record))
