@@ -48,7 +48,9 @@ CHUNK = 256 * 1024
 HIGH_WATER = 1024 * 1024  # stop reading a side while this much waits for the other
 REPLAY_LIMIT = 256 * 1024  # a request longer than this is not carried a second time
 REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = 512  # at most, on all of a process's ports (see Budget)
+FDS_PER_CONNECTION = 4  # the client, the tunnel's socket, a splice pipe's two ends
+FD_RESERVE = 64  # for the state file, ssh's pipes, the desk, a new tunnel
 RETRIES = 3  # a request the server itself closes unanswered is not tried forever
 LINGER = 2.0  # after the 503 page: how long the client may take to close
 
@@ -79,6 +81,50 @@ def listen(port: int) -> socket.socket:
     return s
 
 
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (the usual soft
+    limit, 1,024 on Linux and 256 on macOS, is what another local user's idle connections
+    would exhaust first); returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (hard, 10240):  # (macOS refuses an unlimited hard limit above OPEN_MAX)
+        if want == resource.RLIM_INFINITY or want > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                return int(want) if want != resource.RLIM_INFINITY else 1 << 20
+            except (ValueError, OSError):
+                continue
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+class Budget:
+    """How many connections all the Keepers of one process may have at once: well below
+    the open-file limit, so that a flood of connections (another local user's, say) is
+    answered with the 503 page or closed, and never makes an accept, a link or a read of
+    the state file fail."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_fd_limit(cls, soft: int) -> Budget:
+        return cls(max(8, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // FDS_PER_CONNECTION)))
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+
 @dataclass(frozen=True)
 class Outage:
     """What the 503 page says: the tunnel's state (`connecting`, `reconnecting`, `needs
@@ -95,12 +141,14 @@ class Outage:
         """Waiting cannot help: the user must act (answered at once)."""
         return self.state in ("needs login", "failed")
 
-    def page(self) -> bytes:
-        """The 503 answer, whole."""
+    def page(self, busy: bool = False) -> bytes:
+        """The 503 answer, whole (BUSY: too many connections now, whatever the tunnel)."""
         where = f" to {self.host}" if self.host else ""
         again = f"`jlremote start {self.host or self.name}`"
         error = self.last_error or "?"
-        if self.state == "needs login":
+        if busy:
+            words = "jlremote: too many connections to this port now; try again shortly"
+        elif self.state == "needs login":
             words = f"jlremote: the tunnel{where} needs a new login ({error}); run {again}"
             words += " to log in again"
         elif self.state == "failed":
@@ -171,8 +219,11 @@ class Keeper:
         upstream: str,
         hold: float | None = None,
         splice: bool = SPLICE,
+        budget: Budget | None = None,
     ):
         self.listener = listener
+        self.budget = budget or Budget(MAX_CONNECTIONS)
+        self._paused = False  # not accepting for a tick (no descriptor left)
         self.upstream = upstream
         self.hold = hold_seconds() if hold is None else hold
         self.splice = splice  # the server's bytes to the client without a copy through us
@@ -215,29 +266,40 @@ class Keeper:
     def _run(self) -> None:
         last_tick = 0.0
         while not self._stopping:
-            for key, events in self._sel.select(timeout=TICK):
-                if key.data is None:
-                    self._accept()
-                    continue
-                conn, side = key.data
-                if conn not in self._conns:
-                    continue
-                try:
-                    self._ready(conn, side, events)
-                except OSError as exc:
-                    self._failed(conn, side, exc)
-                except Exception:  # a bug: that connection ends, the port stays served
-                    log.exception("connection on %s", side)
-                    self._close(conn)
-            now = time.monotonic()
-            if now - last_tick >= TICK:
-                last_tick = now
-                try:
-                    self._tick(now)
-                except Exception:
-                    log.exception("tick")
+            try:  # nothing a connection does, and no lack of descriptors, ends the loop
+                last_tick = self._round(last_tick)
+            except Exception:
+                log.exception("keeper")
+                time.sleep(TICK)
         for conn in list(self._conns):
             self._close(conn)
+
+    def _round(self, last_tick: float) -> float:
+        for key, events in self._sel.select(timeout=TICK):
+            if key.data is None:
+                self._accept()
+                continue
+            conn, side = key.data
+            if conn not in self._conns:
+                continue
+            try:
+                self._ready(conn, side, events)
+            except OSError as exc:
+                self._failed(conn, side, exc)
+            except Exception:  # a bug: that connection ends, the port stays served
+                log.exception("connection on %s", side)
+                self._close(conn)
+        now = time.monotonic()
+        if now - last_tick >= TICK:
+            last_tick = now
+            if self._paused:  # accept again (what waited meanwhile is in the backlog)
+                self._paused = False
+                _register(self._sel, self.listener, selectors.EVENT_READ, None)
+            try:
+                self._tick(now)
+            except Exception:
+                log.exception("tick")
+        return last_tick
 
     def _accept(self) -> None:
         while True:
@@ -245,16 +307,17 @@ class Keeper:
                 client, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: wait a tick
+            except OSError as exc:  # EMFILE and the like: not before the next tick
                 log.warning("accept: %s", exc)
-                time.sleep(TICK)
+                self._paused = True
+                _register(self._sel, self.listener, 0, None)
                 return
+            if not self.budget.take():
+                _refuse(client, self.outage)
+                continue
             client.setblocking(False)
             conn = _Conn(client, time.monotonic())
             self._conns.add(conn)
-            if len(self._conns) > MAX_CONNECTIONS:
-                self._answer(conn)
-                continue
             self._link(conn)
             self._interest(conn)
 
@@ -272,7 +335,11 @@ class Keeper:
 
     def _link(self, conn: _Conn) -> bool:
         """Carry CONN through the tunnel's socket, if a tunnel listens there now."""
-        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # no descriptor left: held, tried again next tick
+            log.warning("link: %s", exc)
+            return False
         up.setblocking(False)
         try:
             up.connect(self.upstream)
@@ -452,7 +519,18 @@ class Keeper:
             for fd in conn.pipe:
                 os.close(fd)
             conn.pipe = None
-        self._conns.discard(conn)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self.budget.give()
+
+
+def _refuse(client: socket.socket, outage: Outage) -> None:
+    """A connection past the budget: the 503 page if it fits in the socket now, closed."""
+    with contextlib.suppress(OSError):
+        client.setblocking(False)
+        client.send(outage.page(busy=True))
+        client.shutdown(socket.SHUT_WR)
+    client.close()
 
 
 def _pipe() -> tuple[int, int]:
@@ -519,6 +597,29 @@ class Ports:
         self._outage = Outage()
         self._lock = threading.Lock()
         self._desk: socket.socket | None = None
+        # Told of each port held or let go (the guard holds a copy of each: jlremote.guard).
+        self.on_hold: Callable[[str, socket.socket], None] = lambda kind, listener: None
+        self.on_release: Callable[[int], None] = lambda port: None
+
+    def sockets(self) -> list[tuple[str, socket.socket]]:
+        """Every listening socket held now: ("main", Jupyter's), ("app", ...)."""
+        with self._lock:
+            return [("main", self.main.listener)] + [
+                ("app", k.listener) for k in self.apps.values()
+            ]
+
+    def adopt(self, listener: socket.socket) -> None:
+        """Hold LISTENER, an app's port, from now on (one more Keeper)."""
+        port = int(listener.getsockname()[1])
+        k = Keeper(listener, self.upstream(port), self.main.hold, budget=self.main.budget)
+        k.outage = self._outage
+        with self._lock:
+            old = self.apps.pop(port, None)
+            self.apps[port] = k.start()
+        if old is not None:
+            old.close()
+        self.on_hold("app", listener)
+        log.info("holding port %d", port)
 
     @property
     def port(self) -> int:
@@ -572,8 +673,12 @@ class Ports:
         while True:
             try:
                 conn, _ = desk.accept()
-            except OSError:
-                return  # closed
+            except OSError as exc:
+                if self._desk is None or desk.fileno() < 0 or exc.errno == errno.EINVAL:
+                    return  # closed
+                log.warning("desk: %s", exc)  # (no descriptor left): try again
+                time.sleep(TICK)
+                continue
             with conn:
                 try:
                     conn.settimeout(5)
@@ -595,15 +700,7 @@ class Ports:
             return "error: what?"
         op, port = words[0], int(words[1])
         if op == "hold" and len(fds) == 1:
-            listener = socket.socket(fileno=fds[0])
-            k = Keeper(listener, self.upstream(port), self.main.hold)
-            k.outage = self._outage
-            with self._lock:
-                old = self.apps.pop(port, None)
-                self.apps[port] = k.start()
-            if old is not None:
-                old.close()
-            log.info("holding port %d", port)
+            self.adopt(socket.socket(fileno=fds[0]))
             return "ok"
         for fd in fds:
             os.close(fd)
@@ -611,6 +708,7 @@ class Ports:
             with self._lock:
                 gone = self.apps.pop(port, None)
             if gone is not None:
+                self.on_release(port)
                 gone.close()
                 log.info("let port %d go", port)
             return "ok"

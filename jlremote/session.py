@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import browser, keeper, remote, ssh, supervisor, tunnel
+from jlremote import browser, guard, keeper, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import AppForward, Session, StateStore, Tunnel
@@ -191,8 +191,9 @@ def close_local(session: Session) -> bool:
 def forget(cfg: ssh.SshConfig, store: StateStore, name: str) -> None:
     """Drop NAME's record and its local files; then, if it was the host's last session,
     jlremote's shared connection to the host."""
-    with contextlib.suppress(FileNotFoundError):
-        supervisor.status_path(name).unlink()
+    for path in (supervisor.status_path(name), guard.record_path(name)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     browser.remove_page(name)
     with store.transaction() as sessions:
         gone = sessions.pop(name, None)

@@ -27,11 +27,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from jlremote import keeper, proc, remote, ssh, tunnel
+from jlremote import guard, keeper, proc, remote, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
@@ -138,6 +139,47 @@ def of(session: Session) -> proc.Owned:
     return owned(session.name, session.supervisor_pid, session.supervisor_created)
 
 
+def holds_port(session: Session) -> bool:
+    """Whether SESSION's local port is held by its own supervisor (or that supervisor's
+    guard): a live process of ours, proven by PID, create time and argv, with a listening
+    socket on 127.0.0.1:PORT. Nobody else can listen there beside it (no SO_REUSEPORT),
+    so a token sent to the port goes to us. Checked before any token or browser goes
+    there: a port whose holder died may have been bound by another local user."""
+    import psutil
+
+    port = session.tunnel.local_port
+    for owner in (of(session), guard.read_record(session.name)):
+        p = owner.process()
+        if p is None:
+            continue
+        try:
+            found = p.net_connections(kind="tcp4")
+        except psutil.Error:
+            continue
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr and tuple(c.laddr) == ("127.0.0.1", port)
+            for c in found
+        ):
+            return True
+    return False
+
+
+def revived(store: StateStore, name: str, dead: int | None, timeout: float = 5.0) -> Session | None:
+    """NAME's record once a new supervisor has taken over from DEAD (its guard starts
+    one within a second or so); None when none will (no guard) or none did in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = store.read().get(name)
+        if current is None:
+            return None
+        if current.supervisor_pid != dead and of(current).alive():
+            return current
+        if not guard.read_record(name).alive():
+            return None
+        time.sleep(0.1)
+    return None
+
+
 def stop(session: Session, grace: float = 3.0) -> bool:
     """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
     return of(session).stop(grace)
@@ -151,34 +193,43 @@ class _Stop(Exception):
     pass
 
 
-def run(name: str, wait: float, port: keeper.Ports) -> int:
+def run(
+    name: str,
+    wait: float,
+    port: keeper.Ports,
+    after: int = 0,
+    on_stop: Callable[[], None] = lambda: None,
+) -> int:
     """The supervisor's loop; returns when the session is gone, or is no longer ours (a
-    new server got its own supervisor). PORT holds the session's port meanwhile."""
+    new server got its own supervisor). PORT holds the session's port meanwhile. AFTER:
+    the PID of the dead supervisor whose session this one takes over. ON_STOP is called
+    at once on SIGTERM (the guard must not start another supervisor)."""
 
     def on_term(_sig: int, _frame: object) -> None:
+        on_stop()
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     store = StateStore(state_dir())
     deadline = time.monotonic() + wait
+    if after:
+        _take_over(store, name, after)
     try:
-        while not _mine(first := store.read().get(name)):
-            if time.monotonic() > deadline:
-                return 0  # the start that spawned us did not get as far as recording
-            time.sleep(0.1)
+        first = _resilient(lambda: _first_record(store, name, deadline))
+        if first is None:
+            return 0  # the start that spawned us did not get as far as recording
     except _Stop:
         return 0
-    assert first is not None
     session_id = first.server.session_id
     port.outage = keeper.Outage(first.host, name=name)
     # In the background nothing may prompt: a re-open that needs a password or a code
     # waits for `start` (needs login).
     cfg = replace(ssh.SshConfig.from_environment(), batch=True)
     try:
-        if first.queued and not _await_job(store, cfg, first):
+        if first.queued and not _resilient(lambda: _await_job(store, cfg, first)):
             return 0
-        return _keep(store, cfg, name, port)
+        return _resilient(lambda: _keep(store, cfg, name, port))
     except _Stop:
         # Also a master this loop was starting when told to stop (no record names it
         # yet, and it may have no control socket yet): found by its argv.
@@ -188,6 +239,42 @@ def run(name: str, wait: float, port: keeper.Ports) -> int:
         path = tunnel.master_path(session_id)  # (where _reopen starts one)
         tunnel.close_tunnel(Tunnel(0, 0, control_path=path), search=True)
         return 0
+
+
+T = TypeVar("T")
+
+
+def _take_over(store: StateStore, name: str, dead: int) -> None:
+    """Name this process as NAME's supervisor in place of DEAD (its guard saw it die)."""
+    me = proc.owned(os.getpid())
+    with store.transaction() as sessions:
+        current = sessions.get(name)
+        if current is not None and current.supervisor_pid == dead:
+            sessions[name] = replace(current, supervisor_pid=me.pid, supervisor_created=me.created)
+            log.warning("supervisor %d died; this one (%d) takes over", dead, me.pid)
+
+
+def _resilient(step: Callable[[], T]) -> T:
+    """STEP, begun again after any error (a full descriptor table, an unreadable state
+    file, a bug): each step starts from the record, and the port must stay held. Only a
+    stop (SIGTERM) ends it."""
+    while True:
+        try:
+            return step()
+        except _Stop:
+            raise
+        except Exception:
+            log.exception("supervisor: going on after")
+            time.sleep(POLL)
+
+
+def _first_record(store: StateStore, name: str, deadline: float) -> Session | None:
+    """NAME's record once it names us (None: not before DEADLINE)."""
+    while not _mine(first := store.read().get(name)):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+    return first
 
 
 def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Ports) -> int:
@@ -357,15 +444,32 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
 
 
 def main() -> None:
+    """`python -m jlremote.supervisor NAME WAIT FD [after=PID link=FD apps=FD,FD]`: the
+    extra words when its guard starts it in place of a dead supervisor (PID), handing
+    down the session's sockets and its end of their pair."""
+    guard.set_process_name("jlremote-sup")
     handler = logging.StreamHandler()
     handler.setFormatter(CleanFormatter("%(asctime)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     name, wait, fd = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+    extra = dict(w.partition("=")[::2] for w in sys.argv[4:])
+    budget = keeper.Budget.for_fd_limit(keeper.raise_fd_limit())
     listener = socket.socket(fileno=fd)
     local_port = int(listener.getsockname()[1])
-    main_port = keeper.Keeper(listener, tunnel.forward_path(local_port))
-    ports = keeper.Ports(main_port, tunnel.desk_path(local_port), tunnel.forward_path).start()
-    sys.exit(run(name, wait, ports))
+    main_port = keeper.Keeper(listener, tunnel.forward_path(local_port), budget=budget)
+    ports = keeper.Ports(main_port, tunnel.desk_path(local_port), tunnel.forward_path)
+    for app_fd in filter(None, extra.get("apps", "").split(",")):
+        ports.adopt(socket.socket(fileno=int(app_fd)))
+    ports.start()
+    link = guard.Link(name, ports.sockets)
+    ports.on_hold, ports.on_release = link.hold, link.release
+    link.start(socket.socket(fileno=int(extra["link"])) if "link" in extra else None)
+    after = int(extra.get("after", "0"))
+    try:
+        code = run(name, wait, ports, after=after, on_stop=link.bye)
+    finally:
+        link.bye()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def _reuse(
         if not supervisor.of(session).alive():
             fixed = opts.local_port is not None and opts.local_port == session.tunnel.local_port
             session = _supervise(store, session, fixed=fixed)
-        elif tunnel.is_up(session.tunnel) and _answers(session, timeout=3.0):
+        if tunnel.is_up(session.tunnel) and _answers(session, timeout=3.0):
             return _result(session, reused=True, reopened=True)  # its supervisor did
         tunnel.close_tunnel(session.tunnel)  # only its ssh: the port stays held
         try:
@@ -269,7 +269,12 @@ def _reuse(
 
 
 def _answers(session: Session, timeout: float) -> bool:
+    """The server answers our token on the session's port, which is proven ours first
+    (the token goes nowhere else)."""
     t = session.tunnel
+    if not supervisor.holds_port(session):
+        log.info("port %d is not held by session %s's supervisor", t.local_port, session.name)
+        return False
     return (
         tunnel.api_status(t.local_port, session.server.base_url, session.token, timeout) is not None
     )
@@ -292,11 +297,15 @@ def _supervise(store: StateStore, session: Session, fixed: bool = False) -> Sess
     try:
         listener = keeper.listen(port)
     except JlremoteError:
+        # Held by the session's guard, which is starting a new supervisor right now?
+        again = supervisor.revived(store, session.name, session.supervisor_pid)
+        if again is not None:
+            return again
         if fixed:
             raise
         listener = keeper.listen(0)
         log.warning(
-            "local port %d is taken now; the session moves to port %d",
+            "local port %d is taken now (not by this session); the session moves to port %d",
             port,
             listener.getsockname()[1],
         )

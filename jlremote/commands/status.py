@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from jlremote import remote, slurm, ssh, supervisor, tunnel
+from jlremote import keeper, remote, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
 from jlremote.commands.forward import apps
 from jlremote.errors import ExitCode, JlremoteError
@@ -76,6 +76,14 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         report = supervisor.read_status(s.name)
         activity = None
         state = lifecycle.tunnel_state(s)
+        if state not in ("none", "down") and s.tunnel.local_port and not supervisor.holds_port(s):
+            # Its holder died, and somebody else may have bound it: the token goes nowhere.
+            state = _unheld(s.tunnel.local_port)
+            error = error or (
+                f"local port {s.tunnel.local_port} is not held by this session"
+                + (" (another process listens there)" if state == "port taken" else "")
+                + f"; nothing was sent to it; `jlremote start {s.host}` takes it back"
+            )
         if state == "up":
             api = (
                 None
@@ -118,6 +126,16 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
             )
         )
     return rows
+
+
+def _unheld(port: int) -> str:
+    """A session's port that its holder no longer holds: `port taken` (somebody else's
+    now) or `down` (free)."""
+    try:
+        keeper.listen(port).close()
+    except JlremoteError:
+        return "port taken"
+    return "down"
 
 
 def _server_state(s: Session, probed: str | None, job: slurm.JobState, why: str) -> tuple[str, str]:

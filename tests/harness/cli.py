@@ -89,19 +89,21 @@ def api(url: str, path: str) -> str:
 
 
 def kill_supervisors(state_dir: Path) -> list[int]:
-    """Kill (and name) the tunnel supervisors that serve STATE_DIR."""
+    """Kill (and name) the supervisors (and their guards) that serve STATE_DIR."""
     import psutil
 
     killed = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "jlremote.supervisor" in (p.info["cmdline"] or []) and p.environ().get(
+            cmd = p.info["cmdline"] or []
+            ours = "jlremote.supervisor" in cmd or "jlremote.guard" in cmd
+            if ours and p.environ().get(
                 "JLREMOTE_STATE_DIR"
             ) == str(state_dir):
                 import time as _t
 
                 age = _t.time() - p.create_time()
-                print(f"stray supervisor {p.pid}: {p.info['cmdline']} age {age:.1f}s")
+                print(f"stray supervisor or guard {p.pid}: {p.info['cmdline']} age {age:.1f}s")
                 p.kill()
                 killed.append(p.pid)
         except psutil.Error:
