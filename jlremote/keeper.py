@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jlremote import loopback
 from jlremote.errors import ExitCode, JlremoteError
 
 log = logging.getLogger(__name__)
@@ -63,14 +64,15 @@ def hold_seconds() -> float:
         return HOLD
 
 
-def listen(port: int) -> socket.socket:
-    """A listening socket on 127.0.0.1:PORT (0: any free port). SO_REUSEADDR only, as ssh
-    binds: the connections of a previous owner in TIME_WAIT do not keep the port from us;
-    no SO_REUSEPORT, so no one (of any user) can listen on it beside us."""
+def listen(port: int, address: str = loopback.JUPYTER) -> socket.socket:
+    """A listening socket on ADDRESS:PORT (0: any free port; ADDRESS a loopback one).
+    SO_REUSEADDR only, as ssh binds: the connections of a previous owner in TIME_WAIT do
+    not keep the port from us; no SO_REUSEPORT, so no one (of any user) can listen on it
+    beside us."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
+        s.bind((address, port))
         s.listen(128)
     except OSError as exc:
         s.close()

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import browser, guard, keeper, remote, ssh, supervisor, tunnel
+from jlremote import browser, guard, keeper, loopback, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import AppForward, Session, StateStore, Tunnel
@@ -108,7 +108,7 @@ def hold_apps(session: Session) -> None:
     desk = tunnel.desk_path(session.tunnel.local_port)
     for app in session.forwards:
         try:
-            with keeper.listen(app.local_port) as listener:
+            with keeper.listen(app.local_port, loopback.app_address()) as listener:
                 keeper.hand(desk, listener)
         except JlremoteError as exc:
             log.warning("%s: %s: %s", session.name, app.label, exc.message)
@@ -125,7 +125,7 @@ def new_apps(
     desk = tunnel.desk_path(session.tunnel.local_port)
     try:
         for app in wanted:
-            with keeper.listen(app.local_port) as listener:
+            with keeper.listen(app.local_port, loopback.app_address()) as listener:
                 port = int(listener.getsockname()[1])
                 keeper.hand(desk, listener)
             added.append(replace(app, local_port=port))

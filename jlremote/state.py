@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jlremote import loopback
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir
 from jlremote.ssh import Target
@@ -100,7 +101,7 @@ class AppForward:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.local_port}/"
+        return f"http://{loopback.app_url_host()}:{self.local_port}/"  # not Jupyter's origin
 
 
 @dataclass(frozen=True)

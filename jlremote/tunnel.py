@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jlremote import proc, ssh
+from jlremote import loopback, proc, ssh
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.state import Tunnel
 
@@ -47,14 +47,14 @@ def pick_free_port(avoid: set[int] | None = None) -> int:
             return port
 
 
-def port_is_free(port: int) -> bool:
-    """Whether we could listen on 127.0.0.1:`port` now. As ssh binds it (SO_REUSEADDR): the
+def port_is_free(port: int, address: str = loopback.JUPYTER) -> bool:
+    """Whether we could listen on ADDRESS:`port` now. As ssh binds it (SO_REUSEADDR): the
     connections a dead tunnel leaves in TIME_WAIT do not keep the port from us, a listener
     does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((address, port))
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 return False
@@ -62,9 +62,9 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def require_free_port(port: int) -> None:
-    """Fail clearly when the user's --local-port cannot be used."""
-    if not port_is_free(port):
+def require_free_port(port: int, address: str = loopback.JUPYTER) -> None:
+    """Fail clearly when the user's --local-port (or an app's) cannot be used."""
+    if not port_is_free(port, address):
         raise JlremoteError(
             f"local port {port} is already in use; choose another --local-port or leave it out",
             ExitCode.LOCAL_PORT,
@@ -181,12 +181,12 @@ def forward(
         raise JlremoteError(f"could not forward {what}: {said}", ExitCode.TUNNEL)
 
 
-def answers_http(port: int, timeout: float = 1.0) -> bool:
-    """Whether something answers HTTP on 127.0.0.1:PORT (any status line counts)."""
+def answers_http(port: int, timeout: float = 1.0, address: str = loopback.JUPYTER) -> bool:
+    """Whether something answers HTTP on ADDRESS:PORT (any status line counts)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection((address, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(b"HEAD / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            s.sendall(f"HEAD / HTTP/1.0\r\nHost: {address}\r\n\r\n".encode())
             return s.recv(5) == b"HTTP/"
     except OSError:
         return False

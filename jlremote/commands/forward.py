@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from jlremote import loopback, ssh, tunnel
 from jlremote import session as lifecycle
-from jlremote import ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.options import parse_forward
 from jlremote.paths import state_dir
@@ -56,7 +56,7 @@ def _add(
             f"forward: local port {f.local_port} is the session's own", ExitCode.LOCAL_PORT
         )
     if f.local_port:
-        tunnel.require_free_port(f.local_port)
+        tunnel.require_free_port(f.local_port, loopback.app_address())
     forwards = lifecycle.new_apps(cfg, session, [f])
     session = _record(store, session, forwards)
     return session, apps(session)[-1]
@@ -97,7 +97,9 @@ def apps(session: Session, ask: bool = True) -> list[dict[str, object]]:
                 "remote_port": app.remote_port,
                 "url": app.url,
                 "target": f"{target.host or '127.0.0.1'}:{app.remote_port}",
-                "answers": tunnel.answers_http(app.local_port) if up else None,
+                "answers": tunnel.answers_http(app.local_port, address=loopback.app_address())
+                if up
+                else None,
             }
         )
     return found

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jlremote import keeper, remote, scripts, slurm, ssh, supervisor, tunnel
+from jlremote import keeper, loopback, remote, scripts, slurm, ssh, supervisor, tunnel
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.options import (
@@ -102,7 +102,7 @@ def _check_app_ports(opts: StartOptions) -> None:
                 ExitCode.USAGE,
             )
         if app.local_port:
-            tunnel.require_free_port(app.local_port)
+            tunnel.require_free_port(app.local_port, loopback.app_address())
 
 
 def _more_apps(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> None:
@@ -127,7 +127,7 @@ def _more_apps(cfg: ssh.SshConfig, store: StateStore, opts: StartOptions) -> Non
         return
     for app in wanted:
         if app.local_port:
-            tunnel.require_free_port(app.local_port)
+            tunnel.require_free_port(app.local_port, loopback.app_address())
     forwards = lifecycle.new_apps(lifecycle.config_for(cfg, session), session, wanted)
     with store.transaction() as sessions:
         if str(opts.name) in sessions:

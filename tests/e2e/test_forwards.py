@@ -21,6 +21,7 @@ from tests.harness.slurmbed import Cluster, available
 from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
+APPS = "127.0.0.2"  # jlremote.loopback: apps' origin on Linux
 
 
 @pytest.fixture
@@ -65,7 +66,8 @@ def test_apps_are_forwarded_heal_with_the_tunnel_and_end_with_stop(
     assert r.rc == 0, r.stderr
     url = r.url
     assert r.stdout.strip() == url  # stdout's last (only) line stays the Jupyter URL
-    said = dict(re.findall(r"jlremote: (\S+): (http://127\.0\.0\.1:\d+/) \(port", r.stderr))
+    # Served from another origin than Jupyter's (127.0.0.2): no cookie of Jupyter's there.
+    said = dict(re.findall(r"jlremote: (\S+): (http://127\.0\.0\.2:\d+/) \(port", r.stderr))
     assert set(said) == {"tensorboard", str(idle)}, r.stderr
     assert answers(said["tensorboard"]) and not answers(said[str(idle)])
     apps = apps_of(jl)
@@ -104,7 +106,7 @@ def test_apps_are_forwarded_heal_with_the_tunnel_and_end_with_stop(
     # Bad input: one line, nothing changed.
     before = apps_of(jl)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind((APPS, 0))
         busy.listen()
         taken = busy.getsockname()[1]
         for args, rc, words in (
@@ -134,7 +136,7 @@ def test_forward_options_are_checked_before_connecting(jl: Jl) -> None:
         assert r.rc == rc, (args, r.stderr)
         assert_one_error_line(r.stderr, words)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind((APPS, 0))
         busy.listen()
         taken = busy.getsockname()[1]
         r = jl("start", _unreachable(), "--forward", f"{taken}:6006")
@@ -172,9 +174,10 @@ def _port(url: str) -> int:
 
 
 def _listening(port: int) -> bool:
+    """Whether an app's port (on the apps' loopback address) is held."""
     with socket.socket() as s:
         s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((APPS, port)) == 0
 
 
 def _ssh_processes(testbed: Testbed) -> set[int]:
