@@ -86,25 +86,34 @@ def probe(cfg: ssh.SshConfig, host: str) -> Platform:
         f"looking at python3 on {host}",
         ExitCode.REMOTE_ENV,
     )
-    head = reply.head
     try:
-        major, minor = (int(x) for x in head.get("VERSION").split("."))
-        libc, _, libc_version = head.get("LIBC").partition(" ")
-        return Platform(
-            python=head.get("PYTHON"),
-            version=(major, minor),
-            # These name the local wheel cache's folder (untrusted: no `..`, no `/`).
-            machine=untrusted.platform_tag(head.get("MACHINE"), "machine name"),
-            libc=untrusted.platform_tag(libc, "C library"),
-            libc_version=untrusted.platform_tag(libc_version.strip(), "C library version"),
-            venv=head.get("VENV") == "1",
-            free_kb=int(head.get("FREE") or 0),
-            installed=tuple(head.all("INSTALLED")),
-        )
+        return platform_of(reply.head)
     except ValueError:
         raise JlremoteError(
             f"could not understand what python3 on {host} said", ExitCode.REMOTE_ENV
         ) from None
+
+
+def platform_of(head: protocol.Record) -> Platform:
+    """The probe's answer as a Platform (ValueError: not understood; values that would
+    name a local folder are checked: untrusted)."""
+    major, minor = (int(x) for x in head.get("VERSION").split("."))
+    libc, _, libc_version = head.get("LIBC").partition(" ")
+
+    def tag(value: str, what: str) -> str:  # (check() says what an empty one means)
+        return untrusted.platform_tag(value, what) if value else ""
+
+    return Platform(
+        python=head.get("PYTHON"),
+        version=(major, minor),
+        # These name the local wheel cache's folder (untrusted: no `..`, no `/`).
+        machine=tag(head.get("MACHINE"), "machine name"),
+        libc=tag(libc, "C library"),
+        libc_version=tag(libc_version.strip(), "C library version"),
+        venv=head.get("VENV") == "1",
+        free_kb=int(head.get("FREE") or 0),
+        installed=tuple(head.all("INSTALLED")),
+    )
 
 
 def check(host: str, p: Platform) -> None:

@@ -253,3 +253,97 @@ def test_status_says_how_many_connections_wait() -> None:
     row = replace(row, tunnel_attempts=3, held=2)
     assert render._tunnel(row) == "reconnecting (3), 2 held"
     assert row.to_json()["held"] == 2
+
+
+def test_connections_past_the_budget_get_the_busy_page_and_the_port_stays_served(
+    sock_path: str,
+) -> None:
+    up = Upstream(sock_path)
+    k = keeper.Keeper(keeper.listen(0), sock_path, hold=3.0, budget=keeper.Budget(4)).start()
+    idle = []
+    try:
+        for _ in range(4):  # linked, and silent: each holds a place
+            s = socket.create_connection(("127.0.0.1", k.port), timeout=5)
+            idle.append(s)
+        wait_until(lambda: k.budget.taken == 4, 5, "four connections to be taken")
+        c = Client(k.port, GET)
+        c.join(5)
+        assert c.answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert b"too many connections to this port now" in c.answer
+        for s in idle:  # (the upstream serves one at a time: all of them go)
+            s.close()
+        idle.clear()
+        wait_until(lambda: k.budget.taken == 0, 5, "their places to be given back")
+        c = Client(k.port, GET)
+        c.join(5)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0")
+    finally:
+        for s in idle:
+            s.close()
+        k.close()
+        up.close()
+
+
+def test_a_budget_stays_well_below_the_open_file_limit() -> None:
+    assert keeper.Budget.for_fd_limit(1024).limit == (1024 - 64) // 4
+    assert keeper.Budget.for_fd_limit(256).limit == 48
+    assert keeper.Budget.for_fd_limit(1 << 20).limit == keeper.MAX_CONNECTIONS
+    assert keeper.Budget.for_fd_limit(10).limit == 8
+
+
+# A keeper in a process of its own with a soft limit of 96 open files and a budget that
+# does not know it (as if the limit were lowered under it): its descriptors run out.
+STARVED = r"""
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (96, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from jlremote import keeper
+k = keeper.Keeper(keeper.listen(0), sys.argv[1], hold=30.0, budget=keeper.Budget(10000)).start()
+print(k.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_no_descriptor_left_never_ends_the_keeper(sock_path: str) -> None:
+    import subprocess
+    import sys
+
+    up = Upstream(sock_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", STARVED, sock_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    flood: list[socket.socket] = []
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        for _ in range(150):  # 2 descriptors each there, linked: more than 96
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.5)  # (what the keeper does with them meanwhile: accept, link, fail)
+        assert child.poll() is None
+        for s in flood:
+            s.close()
+        flood.clear()
+        c = Client(port, GET)  # served again once descriptors are back
+        c.join(20)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0"), c.answer
+        assert child.poll() is None
+    finally:
+        for s in flood:
+            s.close()
+        child.kill()
+        child.wait(10)
+        up.close()
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import resource; from jlremote import keeper\n"
+        "h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, h))\n"
+        "got = keeper.raise_fd_limit()\n"
+        "print(got == resource.getrlimit(resource.RLIMIT_NOFILE)[0], got > 64 or h == 64)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr
