@@ -11,78 +11,21 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.harness import browser
+from tests.harness.attacker import another_account_tries
 from tests.harness.cli import Jl, api, http_get, token_of
 from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
 
 OUTAGE = 30.0  # seconds the link is away
-
-# Run as another local account: try to take PORT, every way a listener can be made,
-# until the file STOP exists; print the attempts and how many of them got it.
-BINDER = r"""
-import os, socket, sys, time
-stop, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
-tries = got = 0
-while not os.path.exists(stop):
-    for port, addr in [(p, a) for p in ports for a in ("127.0.0.1", "0.0.0.0")]:
-        for opt in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, opt, 1)
-            tries += 1
-            try:
-                s.bind((addr, port))
-                s.listen(1)
-                got += 1
-            except OSError:
-                pass
-            finally:
-                s.close()
-    time.sleep(0.01)
-print(tries, got)
-"""
-
-
-@contextlib.contextmanager
-def another_account_tries(testbed: Testbed, *ports: int) -> Iterator[None]:
-    """Meanwhile, another local account tries to listen on PORTS, all the time;
-    afterwards, every attempt must have failed."""
-    if os.geteuid() != 0 or not testbed.other_user:
-        yield  # (no other account to be without root)
-        return
-    stop = Path(tempfile.mkdtemp(prefix="jlr-binder-")) / "stop"
-    os.chmod(stop.parent, 0o755)
-    python = "/usr/bin/python3"  # (ours may live in a home the other account cannot read)
-    binder = subprocess.Popen(
-        ["runuser", "-u", testbed.other_user, "--", python, "-c", BINDER, str(stop)]
-        + [str(p) for p in ports],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        yield
-    finally:
-        stop.touch()
-        out, _ = binder.communicate(timeout=10)
-        stop.unlink()
-        stop.parent.rmdir()
-    words = out.split()
-    assert len(words) == 2 and all(w.isdigit() for w in words), out
-    tries, got = int(words[0]), int(words[1])
-    print(f"another account tried to take ports {ports} {tries} times")
-    assert tries > 100 and got == 0, f"another account got one of {ports} {got} times"
-
 
 class Request(threading.Thread):
     """One GET of /api/status, sent now; when it was answered, and how."""
@@ -249,7 +192,7 @@ def test_killed_tunnel_never_frees_the_port(jl: Jl, testbed: Testbed) -> None:
     carried), not refused."""
     url = jl("start", ALIAS, "--forward", "app=6006").url
     app = jl.sessions()[ALIAS]["forwards"][0]["local_port"]
-    with another_account_tries(testbed, port_of(url), app):
+    with another_account_tries(testbed, port_of(url), f"127.0.0.2:{app}"):
         for _ in range(3):
             old = tunnel_pid(jl)
             os.kill(old, signal.SIGKILL)
