@@ -26,6 +26,7 @@ import os
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -104,27 +105,55 @@ class Budget:
     """How many connections all the Keepers of one process may have at once: well below
     the open-file limit, so that a flood of connections (another local user's, say) is
     answered with the 503 page or closed, and never makes an accept, a link or a read of
-    the state file fail."""
+    the state file fail. Connections of other users (where the system tells: Linux) may
+    take half of it at most: the other half stays the user's own, so a flood slows
+    nothing of theirs."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
+        self.foreign = 0
         self._lock = threading.Lock()
 
     @classmethod
     def for_fd_limit(cls, soft: int) -> Budget:
         return cls(max(8, min(MAX_CONNECTIONS, (soft - FD_RESERVE) // FDS_PER_CONNECTION)))
 
-    def take(self) -> bool:
+    def take(self, foreign: bool = False) -> bool:
         with self._lock:
-            if self.taken >= self.limit:
+            if self.taken >= self.limit or (foreign and self.foreign >= self.limit // 2):
                 return False
             self.taken += 1
+            self.foreign += foreign
             return True
 
-    def give(self) -> None:
+    def give(self, foreign: bool = False) -> None:
         with self._lock:
             self.taken -= 1
+            self.foreign -= foreign
+
+
+def peer_uids(path: str = "/proc/net/tcp") -> dict[tuple[str, int, int], int] | None:
+    """Who holds the far end of each loopback TCP connection here: (its address, its
+    port, the port it connects to) to its uid. None where the system does not tell
+    (not Linux): then every connection counts as the user's own."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    owners: dict[tuple[str, int, int], int] = {}
+    for line in lines:
+        words = line.split()
+        try:
+            local, remote, uid = words[1], words[2], int(words[7])
+            laddr, lport = local.split(":")
+            _, rport = remote.split(":")
+            addr = socket.inet_ntoa(struct.pack("=I", int(laddr, 16)))
+            owners[(addr, int(lport, 16), int(rport, 16))] = uid
+        except (IndexError, ValueError, struct.error):
+            continue
+    return owners
 
 
 @dataclass(frozen=True)
@@ -185,6 +214,7 @@ HELD, LINKED, ANSWERING = "held", "linked", "answering"
 class _Conn:
     client: socket.socket
     since: float
+    foreign: bool = False  # another user's (its place is taken from their half)
     mode: str = HELD
     up: socket.socket | None = None
     to_up: bytearray = field(default_factory=bytearray)
@@ -225,6 +255,7 @@ class Keeper:
     ):
         self.listener = listener
         self.budget = budget or Budget(MAX_CONNECTIONS)
+        self.check_peers = sys.platform.startswith("linux")  # (who holds each far end)
         self._paused = False  # not accepting for a tick (no descriptor left)
         self.upstream = upstream
         self.hold = hold_seconds() if hold is None else hold
@@ -304,21 +335,28 @@ class Keeper:
         return last_tick
 
     def _accept(self) -> None:
-        while True:
+        accepted: list[tuple[socket.socket, tuple[str, int]]] = []
+        while len(accepted) < 256:
             try:
-                client, _ = self.listener.accept()
+                accepted.append(self.listener.accept())
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # EMFILE and the like: not before the next tick
                 log.warning("accept: %s", exc)
                 self._paused = True
                 _register(self._sel, self.listener, 0, None)
-                return
-            if not self.budget.take():
+                break
+        if not accepted:
+            return
+        owners = peer_uids() if self.check_peers else None  # (once for all of them)
+        me = os.getuid()
+        for client, peer in accepted:
+            foreign = owners is not None and owners.get((*peer, self.port)) != me
+            if not self.budget.take(foreign):
                 _refuse(client, self.outage)
                 continue
             client.setblocking(False)
-            conn = _Conn(client, time.monotonic())
+            conn = _Conn(client, time.monotonic(), foreign=foreign)
             self._conns.add(conn)
             self._link(conn)
             self._interest(conn)
@@ -523,7 +561,7 @@ class Keeper:
             conn.pipe = None
         if conn in self._conns:
             self._conns.discard(conn)
-            self.budget.give()
+            self.budget.give(conn.foreign)
 
 
 def _refuse(client: socket.socket, outage: Outage) -> None:

@@ -45,6 +45,30 @@ def complete(home: str) -> list[Path]:
     return sorted((Path(home) / ".jlremote" / "lab").glob("*/ok"))
 
 
+# A folder the user runs jlremote from (a shared project folder, /tmp) with a `pip`
+# package in it: it would run as the user if the local pip were imported from there.
+
+
+def test_install_runs_no_code_from_the_working_directory(
+    jl: Jl, bare: tuple[str, str], tmp_path: Path
+) -> None:
+    """(First in the module: it fills the wheel cache, so the local pip really runs.)"""
+    home, _ = bare
+    folder = tmp_path / "shared-project"
+    planted = folder / "pip"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-pip-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (planted / "__init__.py").write_text(code)
+    (planted / "__main__.py").write_text(code)
+    r = jl("install", "bare", "--json", cwd=folder, timeout=900)
+    assert not marker.exists(), "a pip/ package in the working directory ran"
+    assert r.rc == 0, r.stderr
+    assert complete(home)
+    assert jl("uninstall", "bare").rc == 0
+    assert lab_of(home) == []
+
+
 def test_a_bare_remote_gets_a_private_jupyterlab(jl: Jl, bare: tuple[str, str]) -> None:
     home, _ = bare
     # In a script (no terminal): no question, exit 6, one line; nothing installed.

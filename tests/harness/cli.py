@@ -33,7 +33,11 @@ class Jl:
         self.runtime_dir = runtime_dir
 
     def __call__(
-        self, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+        self,
+        *args: str,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "jlremote", *args],
@@ -42,6 +46,7 @@ class Jl:
             timeout=timeout,
             env=env or self.env,
             stdin=subprocess.DEVNULL,
+            cwd=cwd,
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 

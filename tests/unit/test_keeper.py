@@ -4,6 +4,7 @@ and as "the tunnel" a small HTTP server on a Unix socket that comes and goes."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import tempfile
 import threading
@@ -347,3 +348,37 @@ def test_the_open_file_limit_is_raised_to_the_hard_one() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.stdout.split() == ["True", "True"], out.stderr
+
+
+def test_other_users_take_half_of_the_budget_at_most() -> None:
+    b = keeper.Budget(4)
+    assert [b.take(foreign=True) for _ in range(3)] == [True, True, False]
+    assert [b.take() for _ in range(3)] == [True, True, False]
+    b.give(foreign=True)
+    assert b.take() and not b.take(foreign=True)
+
+
+def test_who_holds_the_far_end_of_a_loopback_connection(tmp_path: Path) -> None:
+    table = tmp_path / "tcp"
+    table.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+        "   0: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1001 "
+        "0 1 1 0000000000000000 20 4 30 10 -1\n"
+        "   1: 0200007F:9C41 0200007F:1F91 01 00000000:00000000 00:00000000 00000000     0 "
+        "0 2 1 0000000000000000 20 4 30 10 -1\n"
+        "   2: garbage\n"
+    )
+    owners = keeper.peer_uids(str(table))
+    if socket.htonl(1) == 1:  # (the table is in host order: this reads a little-endian one)
+        pytest.skip("a big-endian host")
+    assert owners == {("127.0.0.1", 40000, 8080): 1001, ("127.0.0.2", 40001, 8081): 0}
+    assert keeper.peer_uids(str(tmp_path / "none")) is None
+
+
+def test_a_connection_of_ours_is_told_apart_on_linux(keep: keeper.Keeper) -> None:
+    if not keep.check_peers:
+        pytest.skip("only Linux tells who holds a connection's far end")
+    with socket.create_connection(("127.0.0.1", keep.port), timeout=5) as s:
+        owners = keeper.peer_uids()
+        assert owners is not None
+        assert owners[(*s.getsockname(), keep.port)] == os.getuid()
