@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -94,26 +95,37 @@ def api(url: str, path: str) -> str:
 
 
 def kill_supervisors(state_dir: Path) -> list[int]:
-    """Kill (and name) the supervisors (and their guards) that serve STATE_DIR."""
+    """End (and name) the supervisors and their guards that serve STATE_DIR: TERM first
+    (a supervisor then tells its guard to go, rather than have it start a new one), then
+    KILL what is left."""
+    import time
+
     import psutil
 
-    killed = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = p.info["cmdline"] or []
-            ours = "jlremote.supervisor" in cmd or "jlremote.guard" in cmd
-            if ours and p.environ().get(
-                "JLREMOTE_STATE_DIR"
-            ) == str(state_dir):
-                import time as _t
+    def ours() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                cmd = p.info["cmdline"] or []
+                mine = "jlremote.supervisor" in cmd or "jlremote.guard" in cmd
+                if mine and p.environ().get("JLREMOTE_STATE_DIR") == str(state_dir):
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
 
-                age = _t.time() - p.create_time()
-                print(f"stray supervisor or guard {p.pid}: {p.info['cmdline']} age {age:.1f}s")
-                p.kill()
-                killed.append(p.pid)
-        except psutil.Error:
-            continue
-    return killed
+    strays = ours()
+    for p in strays:
+        with contextlib.suppress(psutil.Error):
+            age = time.time() - p.create_time()
+            print(f"stray supervisor or guard {p.pid}: {p.cmdline()} age {age:.1f}s")
+            if "jlremote.supervisor" in p.cmdline():
+                p.terminate()
+    psutil.wait_procs(strays, timeout=3)
+    for p in ours():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return [p.pid for p in strays]
 
 
 def assert_one_error_line(stderr: str, *needles: str) -> None:
