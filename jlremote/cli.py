@@ -13,6 +13,7 @@ import typer
 
 from jlremote import __version__, completion, options, render
 from jlremote.errors import ExitCode, JlremoteError
+from jlremote.options import OUTPUT
 from jlremote.terminal import CleanFormatter, clean
 
 log = logging.getLogger("jlremote")
@@ -239,7 +240,8 @@ def _start_signature() -> inspect.Signature:
             *o.flags[1:],
             help=o.help,
             min=1 if o.positive else None,
-            show_default=default is not None,
+            show_default=False,  # (each help line says its default)
+            rich_help_panel=o.panel,
         )
         params.append(
             inspect.Parameter(name, keyword, default=default, annotation=Annotated[kind, option])
@@ -247,10 +249,32 @@ def _start_signature() -> inspect.Signature:
     for name, annotation in (
         (
             "quiet",
-            Annotated[bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")],
+            Annotated[
+                bool,
+                typer.Option(
+                    "--quiet", "-q", help="No progress line on stderr.", rich_help_panel=OUTPUT
+                ),
+            ],
         ),
-        ("as_json", Json),
-        ("verbose", Verbose),
+        (
+            "as_json",
+            Annotated[
+                bool,
+                typer.Option("--json", help="Print JSON, not the URL.", rich_help_panel=OUTPUT),
+            ],
+        ),
+        (
+            "verbose",
+            Annotated[
+                bool,
+                typer.Option(
+                    "--verbose",
+                    "-v",
+                    help="Debug logs (ssh argv included).",
+                    rich_help_panel=OUTPUT,
+                ),
+            ],
+        ),
     ):
         params.append(inspect.Parameter(name, keyword, default=False, annotation=annotation))
     return inspect.Signature(params)

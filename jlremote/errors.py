@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class ExitCode(IntEnum):
@@ -22,6 +22,16 @@ class ExitCode(IntEnum):
     REMOTE_VALUE = 11  # the remote sent a value jlremote will not use (jlremote.untrusted)
 
 
+class Reason(Enum):
+    """Why a failure happened, where the code that meets it must tell it apart (set
+    where the failure is classified; never read back from a message's words)."""
+
+    NONE = "none"
+    LOCK_BUSY = "lock busy"  # another jlremote holds the lock
+    NEEDS_USER = "needs user"  # a login wants a password or a code; nobody may be asked
+    REMOTE_VALUE = "remote value"  # the remote sent a value jlremote will not use
+
+
 class JlremoteError(Exception):
     """An error a user can act on: one line of text plus an exit code."""
 
@@ -32,6 +42,7 @@ class JlremoteError(Exception):
         detail: str = "",
         remote_code: int = 0,
         needs_user: bool = False,
+        reason: Reason = Reason.NONE,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -40,9 +51,20 @@ class JlremoteError(Exception):
         self.detail = detail
         # The exit code of the remote script that failed (scripts.Rc), if one did.
         self.remote_code = remote_code
-        # A login that failed because it needs the user (a password or a one-time code)
-        # where nobody may be asked (BatchMode).
-        self.needs_user = needs_user
+        self.reason = Reason.NEEDS_USER if needs_user else reason
+
+    @property
+    def needs_user(self) -> bool:
+        """A login that failed because it needs the user (a password or a one-time code)
+        where nobody may be asked (BatchMode)."""
+        return self.reason is Reason.NEEDS_USER
 
     def __str__(self) -> str:
         return self.message
+
+
+class LockBusy(JlremoteError):
+    """Another jlremote holds a lock we waited for (the state's, a tunnel's)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.ERROR, reason=Reason.LOCK_BUSY)

@@ -43,6 +43,7 @@ class Opt:
     positive: bool = False  # more than 0
     duration: bool = False  # a duration with a unit: 90m, 2h, 1h30m, 45s
     forwards: bool = False  # a list of [LABEL=][LOCAL:]PORT
+    panel: str = ""  # its panel in `start --help`
     # Part of what shapes a new server: a live session started with other values is
     # reused with a warning (launch_options()).
     shapes_server: bool = False
@@ -53,6 +54,10 @@ def _opt(
     default: Any, *flags: str, help: str, profile: bool = True, key: str = "", **kw: Any
 ) -> Any:
     return field(default=default, metadata={"opt": (flags, help, profile, key, kw)})
+
+
+# The panels of `start --help` (one line of help each there; the details are in the docs).
+SERVER, CONNECTION, CLUSTER, APPS, OUTPUT = "Server", "Connection", "Cluster", "Apps", "Output"
 
 
 def _quiet(_step: str) -> None:
@@ -72,136 +77,137 @@ class StartOptions:
 
     host: str
     name: str | None = _opt(
-        None, "--name", "-n", help="Session name (default: HOST).", profile=False
+        None, "--name", "-n", help="Session name [default: HOST].", profile=False, panel=SERVER
     )
     notebook: bool = _opt(
         False,
         "--notebook/--lab",
-        help="Run classic Jupyter Notebook, or JupyterLab.",
+        help="Classic Jupyter Notebook, or JupyterLab.",
         shapes_server=True,
-    )
-    port: int | None = _opt(
-        None,
-        "--port",
-        help="Preferred remote port (default: a free one the remote picks). "
-        "The port the server really binds is the one forwarded.",
-        port=True,
-        shapes_server=True,
-    )
-    local_port: int | None = _opt(
-        None,
-        "--local-port",
-        "-L",
-        help="Local port (default: a free one). Busy is an error.",
-        port=True,
+        panel=SERVER,
     )
     directory: str | None = _opt(
         None,
         "--dir",
         "-d",
-        help="Remote directory to serve (default: the remote home). "
-        "Relative paths and ~ are under the remote home.",
+        help="Remote directory to serve [default: the remote home].",
         key="dir",
         shapes_server=True,
+        panel=SERVER,
     )
     env: str | None = _opt(
         None,
         "--env",
         "-e",
-        help="Shell snippet run on the remote before jupyter, e.g. "
-        "'source ~/venv/bin/activate' or 'module load python'.",
+        help="Shell run before jupyter, e.g. 'source ~/venv/bin/activate'.",
         shapes_server=True,
+        panel=SERVER,
     )
     jupyter: str = _opt(
         "jupyter",
         "--jupyter",
         help="The jupyter executable on the remote [default: jupyter].",
         shapes_server=True,
+        panel=SERVER,
+    )
+    install: bool = _opt(
+        False,
+        "--install/--no-install",
+        help="No jupyter there: install a private one, without asking.",
+        panel=SERVER,
     )
     allow_root: bool = _opt(
         False,
         "--allow-root/--no-allow-root",
-        help="Pass --allow-root to Jupyter (it refuses root otherwise).",
+        help="Pass --allow-root to Jupyter.",
         shapes_server=True,
+        panel=SERVER,
     )
-    open_browser: bool | None = _opt(
+    idle_timeout: str | None = _opt(
         None,
-        "--open/--no-open",
-        help="Open the browser (default: only on a terminal with a display).",
-        key="open",
+        "--idle-timeout",
+        help="End the server after this long idle, e.g. 90m, 2h.",
+        duration=True,
+        shapes_server=True,
+        panel=SERVER,
+    )
+    attach: bool = _opt(
+        False,
+        "--attach",
+        help="Only attach to a running server of this name; never start one.",
+        profile=False,
+        panel=SERVER,
+    )
+    local_port: int | None = _opt(
+        None,
+        "--local-port",
+        "-L",
+        help="Local port [default: a free one].",
+        port=True,
+        panel=CONNECTION,
+    )
+    port: int | None = _opt(
+        None,
+        "--port",
+        help="Remote port (implies --transport tcp) [default: any free one].",
+        port=True,
+        shapes_server=True,
+        panel=CONNECTION,
+    )
+    transport: Transport = _opt(  # noqa: RUF009 (a field(), as every _opt)
+        Transport.AUTO,
+        "--transport",
+        help="socket (private), tcp (remote 127.0.0.1), or auto.",
+        choices=tuple(t.value for t in Transport),
+        shapes_server=True,
+        panel=CONNECTION,
     )
     timeout: float | None = _opt(
         None,
         "--timeout",
         "-t",
-        help="Seconds to wait for the server to come up (default 60; with --slurm 300, "
-        "queue wait included).",
+        help="Seconds to wait for the server [default: 60; --slurm 300].",
         positive=True,
-    )
-    transport: Transport = _opt(  # noqa: RUF009 (a field(), as every _opt)
-        Transport.AUTO,
-        "--transport",
-        help="How the server listens on the remote: `socket` (a 0600 Unix socket in the "
-        "private session directory: no remote port, no other user can connect), `tcp` "
-        "(127.0.0.1), or `auto` (socket, falling back to TCP where it cannot work) "
-        "[default: auto].",
-        choices=tuple(t.value for t in Transport),
-        shapes_server=True,
-    )
-    attach: bool = _opt(
-        False,
-        "--attach",
-        help="Only attach to a server of this name already running on HOST (started from "
-        "any computer); never start one. Without it, such a server is attached to anyway.",
-        profile=False,
+        panel=CONNECTION,
     )
     slurm: bool = _opt(
         False,
         "--slurm/--no-slurm",
-        help="Run the server in a Slurm batch job on a compute node; HOST is the login "
-        "host, and the tunnel goes through it to the node.",
+        help="Run the server in a Slurm job; HOST is the login host.",
+        panel=CLUSTER,
     )
     sbatch: str = _opt(
         "",
         "--sbatch",
-        help="Extra sbatch options for --slurm, e.g. '-p gpu -t 04:00:00 --gres=gpu:1' "
-        "(each passed to sbatch as its own argument).",
+        help="sbatch options, e.g. '-p gpu -t 04:00:00 --gres=gpu:1'.",
+        panel=CLUSTER,
     )
     no_wait: bool = _opt(
         False,
         "--no-wait",
-        help="With --slurm: return as soon as the job is queued (its id and state on "
-        "stderr, no URL). `jlremote wait NAME`, or `start` again, gives the URL once it runs.",
+        help="Return once the job is queued; `jlremote wait NAME` for the URL.",
         profile=False,
+        panel=CLUSTER,
     )
     notify: bool = _opt(
         False,
         "--notify/--no-notify",
-        help="Tell me when a queued job's server is ready: a desktop notification "
-        "(notify-send, osascript) where there is one, else a terminal bell.",
-    )
-    idle_timeout: str | None = _opt(
-        None,
-        "--idle-timeout",
-        help="End the server after this long without activity (no kernel busy, no "
-        "connection open), e.g. 90m or 2h; in a Slurm job that ends the job. A busy kernel "
-        "is never culled.",
-        duration=True,
-        shapes_server=True,
+        help="Tell me (desktop or terminal bell) when a queued job is ready.",
+        panel=CLUSTER,
     )
     forwards: list[str] | None = _opt(  # noqa: RUF009 (a field(), as every _opt)
         None,
         "--forward",
-        help="Also forward another web app of the session (TensorBoard, a dashboard): "
-        "[LABEL=][LOCAL:]PORT, e.g. --forward tensorboard=6006 (repeatable). PORT is beside "
-        "the server (with --slurm, on its node); LOCAL is a free local port unless given.",
+        help="Also forward an app: [LABEL=][LOCAL:]PORT, e.g. tensorboard=6006.",
         forwards=True,
+        panel=APPS,
     )
-    install: bool = _opt(
-        False,
-        "--install/--no-install",
-        help="Where `jupyter` is not on the remote's PATH, set up a private JupyterLab "
-        "under ~/.jlremote/lab there (no internet needed there) without asking.",
+    open_browser: bool | None = _opt(
+        None,
+        "--open/--no-open",
+        help="Open the browser [default: on a terminal with a display].",
+        key="open",
+        panel=OUTPUT,
     )
     # Told each step as it begins (a live line on a terminal); not an option.
     progress: Progress = field(default=_quiet, compare=False, repr=False)

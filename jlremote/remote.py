@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jlremote import options, proc, protocol, scripts, slurm, ssh, untrusted
-from jlremote.errors import ExitCode, JlremoteError
+from jlremote.errors import ExitCode, JlremoteError, Reason
 from jlremote.scripts import Rc
 from jlremote.state import RemoteServer, Tunnel
 
@@ -261,7 +261,7 @@ def entries_of(reply: protocol.Reply) -> list[LaunchReport]:
         try:
             reports.append(report_of(entry))
         except JlremoteError as exc:
-            if exc.code != ExitCode.REMOTE_VALUE:
+            if exc.reason is not Reason.REMOTE_VALUE:
                 raise
             log.warning("%s", exc.message)  # that entry only: the others are still shown
     return reports

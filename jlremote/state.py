@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jlremote import loopback
-from jlremote.errors import ExitCode, JlremoteError
+from jlremote.errors import ExitCode, JlremoteError, LockBusy
 from jlremote.paths import ensure_private_dir
 from jlremote.ssh import Target
 
@@ -310,9 +310,7 @@ def _flock(path: Path, timeout: float, what: str) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise JlremoteError(
-                        f"timed out waiting for the lock on {what} ({path})", ExitCode.ERROR
-                    ) from None
+                    raise LockBusy(f"timed out waiting for the lock on {what} ({path})") from None
                 time.sleep(0.05)
         yield
     finally:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jlremote import guard, keeper, proc, remote, ssh, tunnel
-from jlremote.errors import ExitCode, JlremoteError
+from jlremote.errors import ExitCode, JlremoteError, LockBusy
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
 from jlremote.terminal import CleanFormatter
@@ -324,11 +324,11 @@ def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Ports) 
                         tunnel.close_tunnel(new)
                         return 0
                     sessions[name] = replace(current, tunnel=new)
+        except LockBusy:  # `start` re-opens it now: its turn
+            st = replace(st, attempts=st.attempts - 1)
+            retry_at = time.monotonic() + POLL
+            continue
         except JlremoteError as exc:
-            if "timed out waiting for the lock" in exc.message:
-                st = replace(st, attempts=st.attempts - 1)
-                retry_at = time.monotonic() + POLL
-                continue
             log.info("attempt %d failed: %s", st.attempts, exc.message)
             if lifecycle.wrong_login(session, exc):
                 # The host's name led to another login node: the session's own, now.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from jlremote.errors import ExitCode, JlremoteError
+from jlremote.errors import ExitCode, JlremoteError, Reason
 from jlremote.terminal import clean
 
 # A host name as DNS and Slurm write it: dot-separated labels of letters, digits, '-' and
@@ -39,6 +39,7 @@ def refused(session: str, what: str, value: object) -> JlremoteError:
         f"{where}the remote sent a {what} jlremote will not use ({shown}); nothing was done "
         "with it",
         ExitCode.REMOTE_VALUE,
+        reason=Reason.REMOTE_VALUE,
     )
 
 

@@ -145,3 +145,13 @@ def test_completion_prints_the_script_for_a_named_shell(cli: Jl) -> None:
     bad = cli("completion", "tcsh")
     assert bad.rc == 2
     assert_one_error_line(bad.stderr, "SHELL must be bash, zsh or fish")
+
+
+def test_start_help_reads_in_panels_at_80_columns(cli: Jl) -> None:
+    """One line of help per option, in panels; it fits a terminal (70 lines at most)."""
+    text = cli("start", "--help", env=dict(cli.env, COLUMNS="80")).stdout
+    lines = text.splitlines()
+    assert len(lines) <= 70, len(lines)
+    assert max(len(line) for line in lines) <= 80
+    panels = [line.split("─ ", 1)[1].split(" ─", 1)[0] for line in lines if line.startswith("╭─ ")]
+    assert panels == ["Arguments", "Options", "Server", "Connection", "Cluster", "Apps", "Output"]
