@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import browser, guard, keeper, loopback, remote, ssh, supervisor, tunnel
+from jlremote import browser, desk, guard, keeper, loopback, remote, ssh, supervisor, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import AppForward, Session, StateStore, Tunnel
@@ -105,11 +105,11 @@ def add_apps(cfg: ssh.SshConfig, session: Session, master: Tunnel) -> None:
 def hold_apps(session: Session) -> None:
     """Hand SESSION's apps' ports to its (new) supervisor again; one taken meanwhile is
     said, not fatal."""
-    desk = tunnel.desk_path(session.tunnel.local_port)
+    at = tunnel.desk_path(session.tunnel.local_port)
     for app in session.forwards:
         try:
             with keeper.listen(app.local_port, loopback.app_address()) as listener:
-                keeper.hand(desk, listener)
+                desk.hand(at, listener)
         except JlremoteError as exc:
             log.warning("%s: %s: %s", session.name, app.label, exc.message)
 
@@ -122,12 +122,12 @@ def new_apps(
     SESSION's tunnel when it is up (its keeper adds them at its next re-open otherwise);
     returns SESSION's forwards with them. Nothing is forwarded unless all can be."""
     added: list[AppForward] = []
-    desk = tunnel.desk_path(session.tunnel.local_port)
+    at = tunnel.desk_path(session.tunnel.local_port)
     try:
         for app in wanted:
             with keeper.listen(app.local_port, loopback.app_address()) as listener:
                 port = int(listener.getsockname()[1])
-                keeper.hand(desk, listener)
+                desk.hand(at, listener)
             added.append(replace(app, local_port=port))
             if tunnel.is_up(session.tunnel):
                 target = session.app_target(app.remote_port)
@@ -141,11 +141,11 @@ def new_apps(
 def drop_apps(cfg: ssh.SshConfig, session: Session, apps: list[AppForward]) -> None:
     """Stop forwarding APPS, and let their ports go (quietly: a tunnel that is down
     forwards nothing)."""
-    desk = tunnel.desk_path(session.tunnel.local_port)
+    at = tunnel.desk_path(session.tunnel.local_port)
     up = tunnel.is_up(session.tunnel)
     for app in apps:
         with contextlib.suppress(JlremoteError):
-            keeper.release(desk, app.local_port)
+            desk.release(at, app.local_port)
         if up:
             with contextlib.suppress(JlremoteError):
                 target = session.app_target(app.remote_port)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jlremote import guard, keeper, proc, remote, ssh, tunnel
+from jlremote import desk, guard, keeper, proc, remote, ssh, tunnel
 from jlremote.errors import ExitCode, JlremoteError, LockBusy
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
@@ -196,7 +196,7 @@ class _Stop(Exception):
 def run(
     name: str,
     wait: float,
-    port: keeper.Ports,
+    port: desk.Ports,
     after: int = 0,
     on_stop: Callable[[], None] = lambda: None,
 ) -> int:
@@ -277,7 +277,7 @@ def _first_record(store: StateStore, name: str, deadline: float) -> Session | No
     return first
 
 
-def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: keeper.Ports) -> int:
+def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: desk.Ports) -> int:
     """Keep NAME's tunnel up for as long as the session is ours."""
     from jlremote import session as lifecycle
 
@@ -457,7 +457,7 @@ def main() -> None:
     listener = socket.socket(fileno=fd)
     local_port = int(listener.getsockname()[1])
     main_port = keeper.Keeper(listener, tunnel.forward_path(local_port), budget=budget)
-    ports = keeper.Ports(main_port, tunnel.desk_path(local_port), tunnel.forward_path)
+    ports = desk.Ports(main_port, tunnel.desk_path(local_port), tunnel.forward_path)
     for app_fd in filter(None, extra.get("apps", "").split(",")):
         ports.adopt(socket.socket(fileno=int(app_fd)))
     ports.start()

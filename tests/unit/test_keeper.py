@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jlremote import keeper
+from jlremote import desk, keeper
 from jlremote.errors import ExitCode, JlremoteError
 from tests.harness.testbed import wait_until
 
@@ -213,20 +213,23 @@ def test_hold_seconds_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert keeper.hold_seconds() == keeper.HOLD
 
 
-def test_a_port_handed_over_is_held_until_let_go(sock_path: str) -> None:
-    desk = str(Path(sock_path).parent / "desk")
+@pytest.mark.parametrize("way", ["ucred", "none"])
+def test_a_port_handed_over_is_held_until_let_go(sock_path: str, way: str) -> None:
+    """With the caller's uid checked (Linux), and as where the system cannot tell it
+    (then the desk's 0600 socket in its 0700 directory is the check)."""
+    at = str(Path(sock_path).parent / "desk")
     main = keeper.Keeper(keeper.listen(0), sock_path)
-    ports = keeper.Ports(main, desk, lambda port: f"{sock_path}-{port}").start()
+    ports = desk.Ports(main, at, lambda port: f"{sock_path}-{port}", peer_check=way).start()
     try:
-        _hand_and_release(ports, desk, sock_path)
+        _hand_and_release(ports, at, sock_path)
     finally:
         ports.close()
 
 
-def _hand_and_release(ports: keeper.Ports, desk: str, sock_path: str) -> None:
+def _hand_and_release(ports: desk.Ports, at: str, sock_path: str) -> None:
     with keeper.listen(0) as app:
         port = int(app.getsockname()[1])
-        keeper.hand(desk, app)
+        desk.hand(at, app)
     # Ours alone closed: the supervisor's copy holds it.
     with pytest.raises(JlremoteError):
         keeper.listen(port).close()
@@ -238,10 +241,10 @@ def _hand_and_release(ports: keeper.Ports, desk: str, sock_path: str) -> None:
         assert c.answer.endswith(b"GET /api/status HTTP/1.0")
     finally:
         up.close()
-    keeper.release(desk, port)
+    desk.release(at, port)
     keeper.listen(port).close()  # free again
     with pytest.raises(JlremoteError) as err:
-        keeper.release(desk + "-nobody", port)
+        desk.release(at + "-nobody", port)
     assert "supervisor does not answer" in err.value.message
 
 
@@ -382,3 +385,29 @@ def test_a_connection_of_ours_is_told_apart_on_linux(keep: keeper.Keeper) -> Non
         owners = keeper.peer_uids()
         assert owners is not None
         assert owners[(*s.getsockname(), keep.port)] == os.getuid()
+
+
+def test_the_desk_tells_its_callers_uid() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        if desk.SO_PEERCRED is not None:
+            assert desk.peer_uid(a) == os.getuid()
+        assert desk.peer_uid(a, "none") is None
+        if desk.SO_PEERCRED is not None:  # (Linux has no LOCAL_PEERCRED: said, not raised)
+            assert desk.peer_uid(a, "xucred") in (None, os.getuid())
+
+
+def test_the_keeper_without_knowing_whose_connections_are(sock_path: str) -> None:
+    """The portable way (no /proc/net/tcp): every connection counts as the user's own."""
+    up = Upstream(sock_path)
+    k = keeper.Keeper(keeper.listen(0), sock_path, hold=3.0, budget=keeper.Budget(4))
+    k.check_peers = False
+    k.start()
+    try:
+        c = Client(k.port, GET)
+        c.join(5)
+        assert c.answer.endswith(b"GET /api/status HTTP/1.0")
+        assert k.budget.foreign == 0
+    finally:
+        k.close()
+        up.close()
