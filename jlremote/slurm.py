@@ -20,7 +20,7 @@ from jlremote import untrusted
 from jlremote.errors import ExitCode, JlremoteError
 
 # Job states in which the job may still run (or soon will): anything else has ended
-# (lib.sh's job_active).
+# (lib.sh's job_active; test_slurm_words holds the two equal).
 ACTIVE_STATES = (
     "PENDING",
     "CONFIGURING",
@@ -34,7 +34,7 @@ ACTIVE_STATES = (
     "SIGNALING",
     "STAGE_OUT",
 )
-# Job states of a job waiting to run (probe.sh's `queued`).
+# Job states of a job waiting to run (lib.sh's job_queued, for probe.sh's `queued`).
 QUEUED_STATES = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
 # Options jlremote sets itself: the user's --sbatch must not change them.
 _OWN_OPTIONS = ("--wrap", "--parsable", "--comment", "--output", "-o", "--error", "-e")

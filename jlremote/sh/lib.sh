@@ -200,7 +200,17 @@ job_state() {
   return 1
 }
 
+# job_queued STATE: is a job in STATE waiting to run? (slurm.QUEUED_STATES: a unit test
+# holds the two equal.)
+job_queued() {
+  case $1 in
+    PENDING | CONFIGURING | REQUEUED | REQUEUE_HOLD | REQUEUE_FED) return 0 ;;
+  esac
+  return 1
+}
+
 # job_active STATE: may a job in STATE still run (or soon)? Anything else has ended.
+# (slurm.ACTIVE_STATES: a unit test holds the two equal.)
 job_active() {
   case $1 in
     PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED | REQUEUED | REQUEUE_HOLD | \

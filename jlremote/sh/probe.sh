@@ -18,9 +18,11 @@ while [ $# -ge 7 ]; do
     js=$(job_state "$job") || continue
     report JOB "$sid $js"
     case $js in
-      "RUNNING|"*"|jlremote:$sid") s=running ;;
-      PENDING"|"*"|jlremote:$sid" | CONFIGURING"|"*"|jlremote:$sid" | REQUEUE*"|jlremote:$sid") s=queued ;;
-      *"|jlremote:$sid") s=gone ;;
+      *"|jlremote:$sid")
+        s=gone
+        [ "${js%%|*}" = RUNNING ] && s=running
+        job_queued "${js%%|*}" && s=queued
+        ;;
       "") s=gone ;;
       *) s=foreign ;;
     esac

@@ -309,3 +309,29 @@ def test_the_tunnel_to_a_node_jumps_through_the_login_host_and_never_prompts() -
     ]
     assert argv[-2:] == ["--", "gpu017"]
     assert ssh.tunnel_master_argv(cfg, "cluster", "/run/jl/tun-x", "/l")[-2:] == ["--", "cluster"]
+
+
+# Every state squeue may print (Slurm 22.05's `JOB STATE CODES`).
+ALL_STATES = (
+    "BOOT_FAIL", "CANCELLED", "COMPLETED", "COMPLETING", "CONFIGURING", "DEADLINE", "FAILED",
+    "NODE_FAIL", "OUT_OF_MEMORY", "PENDING", "PREEMPTED", "RESIZING", "REQUEUED",
+    "REQUEUE_FED", "REQUEUE_HOLD", "REVOKED", "RUNNING", "SIGNALING", "SPECIAL_EXIT",
+    "STAGE_OUT", "STOPPED", "SUSPENDED", "TIMEOUT",
+)  # fmt: skip
+
+
+def test_python_and_the_shell_know_the_same_job_states() -> None:
+    """slurm.ACTIVE_STATES is lib.sh's job_active, slurm.QUEUED_STATES its job_queued."""
+    import subprocess
+
+    from jlremote import scripts, slurm
+
+    script = scripts.source("lib.sh") + (
+        '\nfor s in "$@"; do a=0; q=0; job_active "$s" && a=1; job_queued "$s" && q=1; '
+        'echo "$s $a $q"; done\n'
+    )
+    out = subprocess.run(
+        ["sh", "-c", script, "sh", *ALL_STATES], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    said = {w[0]: (w[1] == "1", w[2] == "1") for w in (line.split() for line in out) if w}
+    assert said == {s: (s in slurm.ACTIVE_STATES, s in slurm.QUEUED_STATES) for s in ALL_STATES}
