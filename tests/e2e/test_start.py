@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness.cli import Jl, api, assert_one_error_line, http_get, token_of
+from tests.harness.cli import Jl, api, assert_one_error_line, http_get, kill_supervisors, token_of
 from tests.harness.testbed import ALIAS, Testbed, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -81,10 +81,11 @@ def test_start_twice_reuses_the_session(jl: Jl, testbed: Testbed) -> None:
 
 
 def test_start_repairs_a_local_reboot(jl: Jl, testbed: Testbed) -> None:
-    """All local PIDs gone (tunnel and its supervisor): `start` gives the same URL back."""
+    """All local PIDs gone (tunnel, supervisor and its guard): `start` gives the same URL
+    back."""
     url = jl("start", ALIAS).url
     record = jl.sessions()[ALIAS]
-    os.kill(record["supervisor_pid"], signal.SIGKILL)
+    kill_supervisors(jl.state_dir)  # (the supervisor alone: its guard would bring it back)
     os.kill(record["tunnel"]["pid"], signal.SIGKILL)
     wait_until(lambda: jl("status", "--json").json()[0]["tunnel"] == "down", 10, "tunnel down")
     assert http_get(api(url, "api/status"), token_of(url))[0] == 0

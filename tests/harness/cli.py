@@ -95,9 +95,10 @@ def api(url: str, path: str) -> str:
 
 
 def kill_supervisors(state_dir: Path) -> list[int]:
-    """End (and name) the supervisors and their guards that serve STATE_DIR: TERM first
-    (a supervisor then tells its guard to go, rather than have it start a new one), then
-    KILL what is left."""
+    """Kill (and name) the supervisors that serve STATE_DIR, and their guards, as a
+    reboot would: all at once with SIGKILL, each guard before its supervisor (a guard
+    brings a dead supervisor back at once; a supervisor waits 0.2 s before it starts a
+    new guard). Their tunnels' ssh processes are left as they are."""
     import time
 
     import psutil
@@ -112,20 +113,19 @@ def kill_supervisors(state_dir: Path) -> list[int]:
                     found.append(p)
             except psutil.Error:
                 continue
-        return found
+        return sorted(found, key=lambda p: "jlremote.guard" not in (p.info["cmdline"] or []))
 
-    strays = ours()
-    for p in strays:
-        with contextlib.suppress(psutil.Error):
-            age = time.time() - p.create_time()
-            print(f"stray supervisor or guard {p.pid}: {p.cmdline()} age {age:.1f}s")
-            if "jlremote.supervisor" in p.cmdline():
-                p.terminate()
-    psutil.wait_procs(strays, timeout=3)
-    for p in ours():
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    return [p.pid for p in strays]
+    killed: list[int] = []
+    for sweep in range(2):  # (the second: any that a dying one started meanwhile)
+        for p in ours():
+            with contextlib.suppress(psutil.Error):
+                age = time.time() - p.create_time()
+                print(f"stray supervisor or guard {p.pid}: {p.info['cmdline']} age {age:.1f}s")
+                p.kill()
+                killed.append(p.pid)
+        if sweep == 0:
+            time.sleep(0.5)
+    return killed
 
 
 def assert_one_error_line(stderr: str, *needles: str) -> None:
