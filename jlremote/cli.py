@@ -355,7 +355,7 @@ def wait(
     its server answers), then print it, as `start` does. On a terminal, the live line shows
     Slurm's reason and estimated start. Never starts a server."""
     _setup_logging(verbose)
-    from jlremote.commands.start import wait as do_wait
+    from jlremote.commands.wait import wait as do_wait
     from jlremote.progress import ProgressLine
 
     line = ProgressLine(

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from jlremote import browser, desk, guard, keeper, loopback, remote, ssh, supervisor, tunnel
+from jlremote import browser, desk, guard, keeper, loopback, remote, ssh, supervision, tunnel
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import AppForward, Session, StateStore, Tunnel
@@ -161,10 +161,10 @@ def tunnel_state(session: Session) -> str:
         return "none"
     if tunnel.is_up(session.tunnel):
         return "up"
-    report = supervisor.read_status(session.name)
+    report = supervision.read_status(session.name)
     if report is not None and report.state in ("failed", "needs login"):
         return report.state  # (its supervisor still holds the port)
-    if supervisor.of(session).alive():
+    if supervision.of(session).alive():
         return "reconnecting"
     return "down"
 
@@ -177,7 +177,7 @@ def tunnel_log(name: str) -> Path:
 def close_local(session: Session) -> bool:
     """Its supervisor (first, or it would re-open the tunnel), then its tunnel; whether
     the tunnel was up."""
-    supervisor.stop(session)
+    supervision.stop(session)
     was_up = tunnel.close_tunnel(session.tunnel)
     if session.tunnel.local_port:  # the sockets a killed ssh or supervisor left
         ports = [session.tunnel.local_port, *(a.local_port for a in session.forwards)]
@@ -191,7 +191,7 @@ def close_local(session: Session) -> bool:
 def forget(cfg: ssh.SshConfig, store: StateStore, name: str) -> None:
     """Drop NAME's record and its local files; then, if it was the host's last session,
     jlremote's shared connection to the host."""
-    for path in (supervisor.status_path(name), guard.record_path(name)):
+    for path in (supervision.status_path(name), guard.record_path(name)):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     browser.remove_page(name)
@@ -234,3 +234,64 @@ def stop_server(
     """Stop exactly SESSION's server, on its login node (see remote.stop)."""
     ident = remote.identity(session.server)
     return on_login(cfg, store, session, lambda c: remote.stop(c, session.host, ident, grace))
+
+
+def supervise(store: StateStore, session: Session, fixed: bool = False) -> Session:
+    """Give SESSION a supervisor that holds its local port and keeps its tunnel up, and
+    record it. The port is bound here and handed down; if it was taken meanwhile (say,
+    after a reboot here), the session moves to a free one, unless the user asked for that
+    port (FIXED)."""
+    port = session.tunnel.local_port
+    try:
+        listener = keeper.listen(port)
+    except JlremoteError:
+        # Held by the session's guard, which is starting a new supervisor right now?
+        again = supervision.revived(store, session.name, session.supervisor_pid)
+        if again is not None:
+            return again
+        if fixed:
+            raise
+        listener = keeper.listen(0)
+        log.warning(
+            "local port %d is taken now (not by this session); the session moves to port %d",
+            port,
+            listener.getsockname()[1],
+        )
+    with listener:
+        sup = supervision.spawn(session.name, listener)
+        port = int(listener.getsockname()[1])
+    with store.transaction() as sessions:
+        current = sessions.get(session.name, session)
+        session = replace(
+            current,
+            supervisor_pid=sup.pid,
+            supervisor_created=sup.created,
+            tunnel=replace(current.tunnel, local_port=port),
+        )
+        if session.name in sessions:
+            sessions[session.name] = session
+    hold_apps(session)  # its apps' ports, held again too
+    return session
+
+
+def apps(session: Session, ask: bool = True) -> list[dict[str, object]]:
+    """SESSION's other apps, each {label, local_port, remote_port, url, target, answers}
+    (answers: whether it answers HTTP through the tunnel now; None when the tunnel is not
+    up, or not ASKed)."""
+    up = ask and tunnel.is_up(session.tunnel)
+    found: list[dict[str, object]] = []
+    for app in session.forwards:
+        target = session.app_target(app.remote_port)
+        found.append(
+            {
+                "label": app.label,
+                "local_port": app.local_port,
+                "remote_port": app.remote_port,
+                "url": app.url,
+                "target": f"{target.host or '127.0.0.1'}:{app.remote_port}",
+                "answers": tunnel.answers_http(app.local_port, address=loopback.app_address())
+                if up
+                else None,
+            }
+        )
+    return found

@@ -28,14 +28,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from jlremote import desk, guard, keeper, proc, remote, ssh, tunnel
+from jlremote import desk, guard, keeper, proc, queued, remote, ssh, tunnel
+from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError, LockBusy
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore, Tunnel
+from jlremote.supervision import SupervisorStatus, owned, waited_for
 from jlremote.terminal import CleanFormatter
 
 log = logging.getLogger("jlremote.supervisor")
@@ -43,57 +45,6 @@ log = logging.getLogger("jlremote.supervisor")
 POLL = 0.5
 BACKOFF_FIRST = 1.0
 BACKOFF_CAP = 2.0  # a network that comes back is used within about 2 s
-MODULE = "jlremote.supervisor"
-
-
-@dataclass(frozen=True)
-class SupervisorStatus:
-    """What the supervisor last reported."""
-
-    # up | reconnecting | failed | needs login (a new login would prompt: `start` asks)
-    # | queued (waiting for a --no-wait job)
-    state: str
-    attempts: int = 0
-    last_error: str | None = None
-    since: float = 0.0
-    detail: str = ""  # while queued: what the job is doing, as the progress line says it
-    held: int = 0  # connections waiting for the tunnel (on the session's port)
-
-
-def status_path(name: str) -> Path:
-    return state_dir() / "supervisors" / f"{name}.json"
-
-
-def read_status(name: str) -> SupervisorStatus | None:
-    """The supervisor's last report, or None if there is none (or it is unreadable)."""
-    try:
-        data: dict[str, Any] = json.loads(status_path(name).read_text())
-        return SupervisorStatus(**data)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-# Someone waits in `start`/`wait` for a queued job while this file is this fresh: the
-# supervisor asks Slurm more often, and leaves --notify to the one who waits.
-WAITER_FRESH = 2.0
-
-
-def _waiter_path(name: str) -> Path:
-    return state_dir() / "supervisors" / f"{name}.waiting"
-
-
-def someone_waits(name: str) -> None:
-    """Say that a command waits, at a terminal or in a script, for NAME's queued job."""
-    path = _waiter_path(name)
-    ensure_private_dir(path.parent)
-    path.touch()
-
-
-def waited_for(name: str) -> bool:
-    try:
-        return time.time() - _waiter_path(name).stat().st_mtime < WAITER_FRESH
-    except OSError:
-        return False
 
 
 def _write_status(name: str, st: SupervisorStatus) -> None:
@@ -102,87 +53,6 @@ def _write_status(name: str, st: SupervisorStatus) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(st.__dict__, f)
     os.replace(tmp, directory / f"{name}.json")
-
-
-def argv_for(name: str, wait: float, fd: int) -> list[str]:
-    """How `start` launches the supervisor of session NAME, with the session's listening
-    socket as descriptor FD. `-m` would put the caller's working directory first on the
-    import path (a `jlremote/` folder there would run as the user): -P leaves it out
-    (Python 3.11+), and spawn() runs it in the private state directory anyway."""
-    return proc.python_argv("-m", MODULE, name, f"{wait:g}", str(fd))
-
-
-def spawn(name: str, listener: socket.socket, wait: float = 30.0) -> proc.Owned:
-    """Start the supervisor of NAME, holding LISTENER (the session's port) from now on. It
-    carries connections as soon as the tunnel's socket is there, and takes up the rest
-    of its work once the session's record names it; it gives up if none does within WAIT
-    seconds: so `start` can spawn it early, while the server boots."""
-    logs = ensure_private_dir(state_dir() / "logs")
-    fd = listener.fileno()
-    pid = proc.spawn_detached(
-        argv_for(name, wait, fd),
-        logs / f"{name}.supervisor.log",
-        cwd=ensure_private_dir(state_dir()),
-        pass_fds=(fd,),
-    )
-    started = proc.owned(pid)
-    return owned(name, started.pid, started.created)
-
-
-def owned(name: str, pid: int | None, created: float | None) -> proc.Owned:
-    """The supervisor of NAME known as PID + CREATED: its argv names the module and NAME."""
-    return proc.Owned(pid, created, (MODULE, name))
-
-
-def of(session: Session) -> proc.Owned:
-    """SESSION's recorded supervisor."""
-    return owned(session.name, session.supervisor_pid, session.supervisor_created)
-
-
-def holds_port(session: Session) -> bool:
-    """Whether SESSION's local port is held by its own supervisor (or that supervisor's
-    guard): a live process of ours, proven by PID, create time and argv, with a listening
-    socket on 127.0.0.1:PORT. Nobody else can listen there beside it (no SO_REUSEPORT),
-    so a token sent to the port goes to us. Checked before any token or browser goes
-    there: a port whose holder died may have been bound by another local user."""
-    import psutil
-
-    port = session.tunnel.local_port
-    for owner in (of(session), guard.read_record(session.name)):
-        p = owner.process()
-        if p is None:
-            continue
-        try:
-            found = p.net_connections(kind="tcp4")
-        except psutil.Error:
-            continue
-        if any(
-            c.status == psutil.CONN_LISTEN and c.laddr and tuple(c.laddr) == ("127.0.0.1", port)
-            for c in found
-        ):
-            return True
-    return False
-
-
-def revived(store: StateStore, name: str, dead: int | None, timeout: float = 5.0) -> Session | None:
-    """NAME's record once a new supervisor has taken over from DEAD (its guard starts
-    one within a second or so); None when none will (no guard) or none did in time."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = store.read().get(name)
-        if current is None:
-            return None
-        if current.supervisor_pid != dead and of(current).alive():
-            return current
-        if not guard.read_record(name).alive():
-            return None
-        time.sleep(0.1)
-    return None
-
-
-def stop(session: Session, grace: float = 3.0) -> bool:
-    """Terminate SESSION's supervisor (it takes its tunnel down with it). False if none."""
-    return of(session).stop(grace)
 
 
 def _mine(session: Session | None) -> bool:
@@ -279,8 +149,6 @@ def _first_record(store: StateStore, name: str, deadline: float) -> Session | No
 
 def _keep(store: StateStore, cfg: ssh.SshConfig, name: str, port: desk.Ports) -> int:
     """Keep NAME's tunnel up for as long as the session is ours."""
-    from jlremote import session as lifecycle
-
     logfile = ensure_private_dir(state_dir() / "logs") / f"{name}.tunnel.log"
     st = SupervisorStatus("up", since=time.time())
     _write_status(name, st)
@@ -358,8 +226,6 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
     """A job queued with --no-wait: wait for it, finish its start once it runs, tell the
     user (--notify). True once the session runs (the tunnel is then kept up as usual);
     False if it was stopped, or its job ended first (recorded, with Slurm's reason)."""
-    from jlremote.commands import start as starter
-
     name = session.name
     me = owned(name, os.getpid(), proc.owned(os.getpid()).created)
     since = time.time()
@@ -374,7 +240,7 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
         if current is None or not _mine(current) or not current.queued:
             return current is not None and _mine(current) and current.phase == "running"
         try:
-            done = starter.complete(cfg, store, current, me, report, lambda: waited_for(name))
+            done = queued.complete(cfg, store, current, me, report, lambda: waited_for(name))
         except JlremoteError as exc:
             if exc.needs_user:
                 # Watching the job would need a login (a password, a code): never asked
@@ -382,7 +248,7 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
                 # port held here).
                 _write_status(name, SupervisorStatus("needs login", 0, exc.message, since))
                 return _parked(store, name)
-            ended = starter.job_ended(cfg, current)
+            ended = queued.job_ended(cfg, current)
             if ended:
                 log.info("job %s ended while queued: %s", current.server.job_id, ended)
                 with store.transaction() as sessions:
@@ -403,7 +269,7 @@ def _await_job(store: StateStore, cfg: ssh.SshConfig, session: Session) -> bool:
             done.tunnel.local_port,
         )
         if done.notify and not waited_for(name):
-            starter.tell_ready(done, done.tty)
+            queued.tell_ready(done, done.tty)
         return True
 
 
@@ -423,8 +289,6 @@ def _reopen(cfg: ssh.SshConfig, session: Session, logfile: Path) -> Tunnel:
     """A new tunnel for SESSION, on its login node: before it forwards, a TCP server's
     port is proven (remote.proof_of); for a Unix socket of a session not pinned yet, one
     look through the new connection says which login node it reached."""
-    from jlremote import session as lifecycle
-
     use = lifecycle.config_for(cfg, session)
     server, t = session.server, session.tunnel
     unsure = bool(server.login and server.login_addr and not server.pinned)

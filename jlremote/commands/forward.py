@@ -34,7 +34,7 @@ def forward(name: str | None, spec: str | None, remove: str | None) -> ForwardRe
             session, added = _add(cfg, store, session, spec)
         elif remove is not None:
             session = _remove(cfg, store, session, remove)
-    return ForwardResult(session.name, session.host, apps(session), added)
+    return ForwardResult(session.name, session.host, lifecycle.apps(session), added)
 
 
 def _add(
@@ -59,7 +59,7 @@ def _add(
         tunnel.require_free_port(f.local_port, loopback.app_address())
     forwards = lifecycle.new_apps(cfg, session, [f])
     session = _record(store, session, forwards)
-    return session, apps(session)[-1]
+    return session, lifecycle.apps(session)[-1]
 
 
 def _remove(cfg: ssh.SshConfig, store: StateStore, session: Session, which: str) -> Session:
@@ -80,26 +80,3 @@ def _record(store: StateStore, session: Session, forwards: tuple[AppForward, ...
             raise JlremoteError(f"session {session.name!r} was stopped", ExitCode.NO_SESSION)
         sessions[session.name] = current = replace(current, forwards=forwards)
     return current
-
-
-def apps(session: Session, ask: bool = True) -> list[dict[str, object]]:
-    """SESSION's other apps, each {label, local_port, remote_port, url, target, answers}
-    (answers: whether it answers HTTP through the tunnel now; None when the tunnel is not
-    up, or not ASKed)."""
-    up = ask and tunnel.is_up(session.tunnel)
-    found: list[dict[str, object]] = []
-    for app in session.forwards:
-        target = session.app_target(app.remote_port)
-        found.append(
-            {
-                "label": app.label,
-                "local_port": app.local_port,
-                "remote_port": app.remote_port,
-                "url": app.url,
-                "target": f"{target.host or '127.0.0.1'}:{app.remote_port}",
-                "answers": tunnel.answers_http(app.local_port, address=loopback.app_address())
-                if up
-                else None,
-            }
-        )
-    return found

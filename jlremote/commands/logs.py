@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from jlremote import proc, remote, scripts, ssh, supervisor
+from jlremote import proc, remote, scripts, ssh, supervision
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
@@ -78,7 +78,7 @@ def open_session(name: str | None) -> OpenResult:
                 ExitCode.TUNNEL,
             )
         log.warning("the tunnel of %s is reconnecting; the page loads once it is up", session.name)
-    if not supervisor.holds_port(session):
+    if not supervision.holds_port(session):
         raise JlremoteError(
             f"local port {session.tunnel.local_port} is not held by session {session.name!r} "
             "(another process may listen there): the browser was not opened; "

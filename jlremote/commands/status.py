@@ -7,9 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from jlremote import keeper, remote, slurm, ssh, supervisor, tunnel
+from jlremote import keeper, remote, slurm, ssh, supervision, tunnel
 from jlremote import session as lifecycle
-from jlremote.commands.forward import apps
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
 from jlremote.results import RemoteRow, StatusRow
@@ -73,10 +72,10 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         if s.server.job_id and s.host in answers and probed is None:
             error = f"Slurm on {s.host} did not answer about job {s.server.job_id}"
         server, why = _server_state(s, probed, job, ended.get(s.server.session_id, ""))
-        report = supervisor.read_status(s.name)
+        report = supervision.read_status(s.name)
         activity = None
         state = lifecycle.tunnel_state(s)
-        if state not in ("none", "down") and s.tunnel.local_port and not supervisor.holds_port(s):
+        if state not in ("none", "down") and s.tunnel.local_port and not supervision.holds_port(s):
             # Its holder died, and somebody else may have bound it: the token goes nowhere.
             state = _unheld(s.tunnel.local_port)
             error = error or (
@@ -120,7 +119,7 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
                 start_estimate=job.start if job.queued else "",
                 ended=why,
                 idle_timeout=s.idle_timeout,
-                forwards=apps(s, ask=not offline and state == "up"),
+                forwards=lifecycle.apps(s, ask=not offline and state == "up"),
                 login_node=s.server.login_name,
                 pinned=s.server.pinned,
             )
