@@ -86,7 +86,8 @@ class Link:
         self.name = name
         self.sockets = sockets  # ("main" | "app", listening socket), all of them now
         self._end: socket.socket | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: bye() may come from the SIGTERM handler while this thread sends.
+        self._lock = threading.RLock()
         self._closing = False
         self._child: proc.Owned | None = None
 
