@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from jlremote import keeper, remote, slurm, ssh, supervision, tunnel
 from jlremote import session as lifecycle
@@ -17,6 +17,17 @@ from jlremote.state import RemoteServer, Session, StateStore
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Answers:
+    """What the hosts said, together: each server's state by session id (per host), what
+    Slurm says of each job, why servers ended, and each host's error."""
+
+    states: dict[str, dict[str, str]] = field(default_factory=dict)
+    jobs: dict[str, slurm.JobState] = field(default_factory=dict)
+    ended: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
 def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
     """Rows for all sessions (or just NAME). With `offline`, no remote calls: server unknown."""
     sessions = StateStore(state_dir()).read()
@@ -24,107 +35,107 @@ def status(name: str | None = None, offline: bool = False) -> list[StatusRow]:
         if name not in sessions:
             raise JlremoteError(f"no session named {name!r}", ExitCode.NO_SESSION)
         sessions = {name: sessions[name]}
-    by_host: dict[str, list[Session]] = {}
-    for s in sessions.values():
-        by_host.setdefault(s.host, []).append(s)
-
-    answers: dict[str, dict[str, str]] = {}
-    jobs: dict[str, slurm.JobState] = {}
-    ended: dict[str, str] = {}
-    errors: dict[str, str] = {}
-    if by_host and not offline:
-        cfg = ssh.SshConfig.from_environment()
-
-        def ask(host: str) -> tuple[str, remote.Probed | None, str | None]:
-            try:
-                servers = [s.server for s in by_host[host]]
-                return (
-                    host,
-                    remote.probe_jobs(cfg, host, servers, timeout=cfg.connect_timeout + 10),
-                    None,
-                )
-            except JlremoteError as exc:
-                return host, None, exc.message
-
-        with ThreadPoolExecutor(max_workers=min(8, len(by_host))) as pool:
-            for host, answer, error in pool.map(ask, sorted(by_host)):
-                if answer is not None:
-                    answers[host] = answer.states
-                    jobs.update(answer.jobs)
-                    ended.update(answer.ended)
-                if error is not None:
-                    errors[host] = error
-        # Sessions whose host's name led to another login node than theirs: asked on theirs.
-        for s in sessions.values():
-            if answers.get(s.host, {}).get(s.server.session_id) == "elsewhere":
-                try:
-                    answers[s.host][s.server.session_id] = lifecycle.probe(cfg, None, s)
-                except JlremoteError as exc:
-                    answers[s.host].pop(s.server.session_id)
-                    errors.setdefault(s.host, exc.message)
-
-    rows = []
+    said = _Answers() if offline or not sessions else _ask_hosts(list(sessions.values()))
     now = time.time()
-    for s in sorted(sessions.values(), key=lambda s: s.name):
-        probed = answers.get(s.host, {}).get(s.server.session_id)
-        job = jobs.get(s.server.session_id, slurm.JobState())
-        error = errors.get(s.host)
-        if s.server.job_id and s.host in answers and probed is None:
-            error = f"Slurm on {s.host} did not answer about job {s.server.job_id}"
-        server, why = _server_state(s, probed, job, ended.get(s.server.session_id, ""))
-        report = supervision.read_status(s.name)
-        activity = None
-        state = lifecycle.tunnel_state(s)
-        if state not in ("none", "down") and s.tunnel.local_port and not supervision.holds_port(s):
-            # Its holder died, and somebody else may have bound it: the token goes nowhere.
-            state = _unheld(s.tunnel.local_port)
-            error = error or (
-                f"local port {s.tunnel.local_port} is not held by this session"
-                + (" (another process listens there)" if state == "port taken" else "")
-                + f"; nothing was sent to it; `jlremote start {s.host}` takes it back"
-            )
-        if state == "up":
-            api = (
-                None
-                if offline
-                else tunnel.api_status(s.tunnel.local_port, s.server.base_url, s.token, timeout=2.0)
-            )
-            activity = str(api["last_activity"]) if api and "last_activity" in api else None
-        retrying = report is not None and state not in ("up", "none")
-        rows.append(
-            StatusRow(
-                name=s.name,
-                host=s.host,
-                url=s.url,
-                server=server,
-                tunnel=state,
-                local_port=s.tunnel.local_port,
-                remote_port=s.tunnel.remote_port,
-                server_pid=s.server.pid,
-                started_at=s.created,
-                error=error,
-                uptime_s=round(now - s.created, 1),
-                transport=("socket" if s.server.sock else "tcp") if s.server.pid else "",
-                exposure=exposure(s.server),
-                tunnel_attempts=report.attempts if report and retrying else 0,
-                tunnel_error=report.last_error if report and retrying else None,
-                held=report.held if report and state not in ("up", "none") else 0,
-                last_activity=activity,
-                job_id=s.server.job_id,
-                node=s.server.node or job.node,
-                job_state=job.state if s.server.job_id and probed else "",
-                time_left=job.time_left if job.state == "RUNNING" else "",
-                ending_soon=job.ending_soon and probed == "running",
-                job_reason=job.reason if job.queued else "",
-                start_estimate=job.start if job.queued else "",
-                ended=why,
-                idle_timeout=s.idle_timeout,
-                forwards=lifecycle.apps(s, ask=not offline and state == "up"),
-                login_node=s.server.login_name,
-                pinned=s.server.pinned,
-            )
-        )
-    return rows
+    return [_row(s, said, offline, now) for s in sorted(sessions.values(), key=lambda s: s.name)]
+
+
+def _ask_hosts(sessions: list[Session]) -> _Answers:
+    """One probe per host (hosts in parallel); then the sessions whose host's name led
+    to another login node than theirs, asked on theirs."""
+    by_host: dict[str, list[Session]] = {}
+    for s in sessions:
+        by_host.setdefault(s.host, []).append(s)
+    cfg = ssh.SshConfig.from_environment()
+    said = _Answers()
+
+    def ask(host: str) -> tuple[str, remote.Probed | None, str | None]:
+        try:
+            servers = [s.server for s in by_host[host]]
+            wait = cfg.connect_timeout + 10
+            return host, remote.probe_jobs(cfg, host, servers, timeout=wait), None
+        except JlremoteError as exc:
+            return host, None, exc.message
+
+    with ThreadPoolExecutor(max_workers=min(8, len(by_host))) as pool:
+        for host, answer, error in pool.map(ask, sorted(by_host)):
+            if answer is not None:
+                said.states[host] = answer.states
+                said.jobs.update(answer.jobs)
+                said.ended.update(answer.ended)
+            if error is not None:
+                said.errors[host] = error
+    for s in sessions:
+        if said.states.get(s.host, {}).get(s.server.session_id) == "elsewhere":
+            try:
+                said.states[s.host][s.server.session_id] = lifecycle.probe(cfg, None, s)
+            except JlremoteError as exc:
+                said.states[s.host].pop(s.server.session_id)
+                said.errors.setdefault(s.host, exc.message)
+    return said
+
+
+def _tunnel(s: Session, error: str | None) -> tuple[str, str | None]:
+    """The tunnel's state, and the row's error: a port not held by the session is said
+    (`port taken` or `down`), and nothing is sent to it."""
+    state = lifecycle.tunnel_state(s)
+    if state in ("none", "down") or not s.tunnel.local_port or supervision.holds_port(s):
+        return state, error
+    # Its holder died, and somebody else may have bound it: the token goes nowhere.
+    state = _unheld(s.tunnel.local_port)
+    return state, error or (
+        f"local port {s.tunnel.local_port} is not held by this session"
+        + (" (another process listens there)" if state == "port taken" else "")
+        + f"; nothing was sent to it; `jlremote start {s.host}` takes it back"
+    )
+
+
+def _row(s: Session, said: _Answers, offline: bool, now: float) -> StatusRow:
+    probed = said.states.get(s.host, {}).get(s.server.session_id)
+    job = said.jobs.get(s.server.session_id, slurm.JobState())
+    error = said.errors.get(s.host)
+    if s.server.job_id and s.host in said.states and probed is None:
+        error = f"Slurm on {s.host} did not answer about job {s.server.job_id}"
+    server, why = _server_state(s, probed, job, said.ended.get(s.server.session_id, ""))
+    report = supervision.read_status(s.name)
+    state, error = _tunnel(s, error)
+    activity = None
+    if state == "up" and not offline:
+        t = s.tunnel
+        api = tunnel.api_status(t.local_port, s.server.base_url, s.token, timeout=2.0)
+        activity = str(api["last_activity"]) if api and "last_activity" in api else None
+    retrying = report is not None and state not in ("up", "none")
+    return StatusRow(
+        name=s.name,
+        host=s.host,
+        url=s.url,
+        server=server,
+        tunnel=state,
+        local_port=s.tunnel.local_port,
+        remote_port=s.tunnel.remote_port,
+        server_pid=s.server.pid,
+        started_at=s.created,
+        error=error,
+        uptime_s=round(now - s.created, 1),
+        transport=("socket" if s.server.sock else "tcp") if s.server.pid else "",
+        exposure=exposure(s.server),
+        tunnel_attempts=report.attempts if report and retrying else 0,
+        tunnel_error=report.last_error if report and retrying else None,
+        held=report.held if report and state not in ("up", "none") else 0,
+        last_activity=activity,
+        job_id=s.server.job_id,
+        node=s.server.node or job.node,
+        job_state=job.state if s.server.job_id and probed else "",
+        time_left=job.time_left if job.state == "RUNNING" else "",
+        ending_soon=job.ending_soon and probed == "running",
+        job_reason=job.reason if job.queued else "",
+        start_estimate=job.start if job.queued else "",
+        ended=why,
+        idle_timeout=s.idle_timeout,
+        forwards=lifecycle.apps(s, ask=not offline and state == "up"),
+        login_node=s.server.login_name,
+        pinned=s.server.pinned,
+    )
 
 
 def _unheld(port: int) -> str:
