@@ -6,6 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from jlremote import keeper, remote, slurm, ssh, supervision, tunnel
 from jlremote import session as lifecycle
@@ -104,7 +105,6 @@ def _row(s: Session, said: _Answers, offline: bool, now: float) -> StatusRow:
         t = s.tunnel
         api = tunnel.api_status(t.local_port, s.server.base_url, s.token, timeout=2.0)
         activity = str(api["last_activity"]) if api and "last_activity" in api else None
-    retrying = report is not None and state not in ("up", "none")
     return StatusRow(
         name=s.name,
         host=s.host,
@@ -119,23 +119,39 @@ def _row(s: Session, said: _Answers, offline: bool, now: float) -> StatusRow:
         uptime_s=round(now - s.created, 1),
         transport=("socket" if s.server.sock else "tcp") if s.server.pid else "",
         exposure=exposure(s.server),
-        tunnel_attempts=report.attempts if report and retrying else 0,
-        tunnel_error=report.last_error if report and retrying else None,
-        held=report.held if report and state not in ("up", "none") else 0,
+        **_retries(report if state not in ("up", "none") else None),
         last_activity=activity,
-        job_id=s.server.job_id,
-        node=s.server.node or job.node,
-        job_state=job.state if s.server.job_id and probed else "",
-        time_left=job.time_left if job.state == "RUNNING" else "",
-        ending_soon=job.ending_soon and probed == "running",
-        job_reason=job.reason if job.queued else "",
-        start_estimate=job.start if job.queued else "",
+        **_job_fields(s, job, probed),
         ended=why,
         idle_timeout=s.idle_timeout,
         forwards=lifecycle.apps(s, ask=not offline and state == "up"),
         login_node=s.server.login_name,
         pinned=s.server.pinned,
     )
+
+
+def _retries(report: supervision.SupervisorStatus | None) -> dict[str, Any]:
+    """What the supervisor says of a tunnel that is not up (REPORT; None: it is up)."""
+    if report is None:
+        return {"tunnel_attempts": 0, "tunnel_error": None, "held": 0}
+    return {
+        "tunnel_attempts": report.attempts,
+        "tunnel_error": report.last_error,
+        "held": report.held,
+    }
+
+
+def _job_fields(s: Session, job: slurm.JobState, probed: str | None) -> dict[str, Any]:
+    """What Slurm says of S's job (JOB, as PROBED), as the row shows it."""
+    return {
+        "job_id": s.server.job_id,
+        "node": s.server.node or job.node,
+        "job_state": job.state if s.server.job_id and probed else "",
+        "time_left": job.time_left if job.state == "RUNNING" else "",
+        "ending_soon": job.ending_soon and probed == "running",
+        "job_reason": job.reason if job.queued else "",
+        "start_estimate": job.start if job.queued else "",
+    }
 
 
 def _unheld(port: int) -> str:
