@@ -108,62 +108,47 @@ def status(rows: list[StatusRow]) -> None:
         + ("SERVER", "TUNNEL", "UPTIME", "ACTIVE")
         + (("JOB", "NODE", "STATE", "LEFT") if jobs else ())
         + ("URL",),
-        [
-            (r.name, r.host)
-            + ((r.login_node or "-",) if logins else ())
-            + (
-                _server(r),
-                _tunnel(r),
-                duration(r.uptime_s),
-                ago(r.last_activity),
-            )
-            + (
-                (
-                    r.job_id or "-",
-                    r.node or "-",
-                    r.job_state or "-",
-                    (r.time_left + ("!" if r.ending_soon else "")) or "-",
-                )
-                if jobs
-                else ()
-            )
-            + (r.url or "-",)
-            for r in rows
-        ],
+        [_status_cells(r, jobs, logins) for r in rows],
     )
     others = [(r.name, a) for r in rows for a in r.forwards]
     if others:
         typer.echo("")
         apps(others)
     for r in rows:
-        if r.start_estimate:
-            typer.echo(
-                f"jlremote: {r.name}: job {r.job_id} may start at {r.start_estimate} "
-                "(Slurm's estimate)",
-                err=True,
-            )
-        if r.ending_soon:
-            typer.echo(
-                f"jlremote: {r.name}: job {r.job_id} reaches its time limit in {r.time_left}; "
-                "save your work (the server then shuts down)",
-                err=True,
-            )
-        if r.error:
-            typer.echo(f"jlremote: {r.name}: {r.error}", err=True)
-        if r.tunnel == "needs login":
-            again = f"jlremote start {r.host}" + (f" --name {r.name}" if r.name != r.host else "")
-            typer.echo(
-                f"jlremote: {r.name}: the tunnel needs a new login ({r.host} asks for a "
-                f"password or a code; nothing asks in the background): `{again}` asks once "
-                "and re-opens it on the same port",
-                err=True,
-            )
-        elif r.tunnel_error and r.tunnel != "up":
-            typer.echo(
-                f"jlremote: {r.name}: tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): "
-                f"{r.tunnel_error}",
-                err=True,
-            )
+        for line in _status_notes(r):
+            typer.echo(f"jlremote: {r.name}: {line}", err=True)
+
+
+def _status_cells(r: StatusRow, jobs: bool, logins: bool) -> tuple[str, ...]:
+    """One row of the status table (with the LOGIN and the job columns, if shown)."""
+    login = (r.login_node or "-",) if logins else ()
+    left = (r.time_left + ("!" if r.ending_soon else "")) or "-"
+    job = (r.job_id or "-", r.node or "-", r.job_state or "-", left) if jobs else ()
+    mid = (_server(r), _tunnel(r), duration(r.uptime_s), ago(r.last_activity))
+    return (r.name, r.host, *login, *mid, *job, r.url or "-")
+
+
+def _status_notes(r: StatusRow) -> list[str]:
+    """What is said of a session below the table (on stderr)."""
+    notes = []
+    if r.start_estimate:
+        notes.append(f"job {r.job_id} may start at {r.start_estimate} (Slurm's estimate)")
+    if r.ending_soon:
+        notes.append(
+            f"job {r.job_id} reaches its time limit in {r.time_left}; "
+            "save your work (the server then shuts down)"
+        )
+    if r.error:
+        notes.append(r.error)
+    if r.tunnel == "needs login":
+        again = f"jlremote start {r.host}" + (f" --name {r.name}" if r.name != r.host else "")
+        notes.append(
+            f"the tunnel needs a new login ({r.host} asks for a password or a code; nothing "
+            f"asks in the background): `{again}` asks once and re-opens it on the same port"
+        )
+    elif r.tunnel_error and r.tunnel != "up":
+        notes.append(f"tunnel {r.tunnel} after {r.tunnel_attempts} attempt(s): {r.tunnel_error}")
+    return notes
 
 
 def remote_status(found: list[RemoteRow]) -> None:
