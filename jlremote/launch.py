@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from jlremote import keeper, remote, scripts, slurm, ssh, supervision, tunnel
+from jlremote import keeper, remote, scripts, slurm, ssh, supervision, tunnel, untrusted
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.options import StartOptions, launch_options, parse_forwards, seconds
@@ -384,29 +384,48 @@ def await_job(
         opts.progress(job_progress(job_id, state))
         if deadline is not None and time.monotonic() >= deadline:
             raise _timed_out(tx, job_id, state)
-        if patient and state.queued:
-            # Nothing changes between Slurm's answers (the interval may shorten meanwhile:
-            # someone started waiting).
-            while time.monotonic() < asked + squeue_every():
-                time.sleep(WAIT_TICK)
-        else:
-            time.sleep(JOB_POLL_INTERVAL)
-    info = looked.info
-    sock = str(info.get("sock") or "")
+        _pause(patient and state.queued, asked, squeue_every)
+    return _server_in_job(tx, job_id, session_dir, looked, state)
+
+
+def _pause(patient: bool, asked: float, squeue_every: Callable[[], float]) -> None:
+    """Until the next look at the job: a tick, or (PATIENT: it waits in the queue, and
+    nothing changes between Slurm's answers) until Slurm is asked again, an interval
+    that may shorten meanwhile (someone started waiting)."""
+    if not patient:
+        time.sleep(JOB_POLL_INTERVAL)
+        return
+    while time.monotonic() < asked + squeue_every():
+        time.sleep(WAIT_TICK)
+
+
+def _server_in_job(
+    tx: Transaction, job_id: str, session_dir: str, looked: remote.JobPoll, state: slurm.JobState
+) -> RemoteServer:
+    """The job's server, as its runtime file (on the shared home) says it: every value
+    checked (untrusted), as the node's own words."""
+    info = looked.info or {}
+    sid = tx.session_id
+    sock = untrusted.socket_path(str(info.get("sock") or ""), tx.name)
+    port = str(info.get("port") or 0)
+    hostname = str(info.get("hostname") or "")
+    pid = str(info.get("pid") or 0)
     return RemoteServer(
         session_id=sid,
-        pid=int(str(info.get("pid", 0))),
+        pid=untrusted.number(pid, tx.name) if pid != "0" else 0,
         started="",
         cmdline="",
-        port=int(str(info.get("port") or 0)),
+        port=untrusted.port(port, tx.name) if port != "0" else 0,
         sock=sock,
-        base_url=str(info.get("base_url") or "/"),
+        base_url=untrusted.url_path(str(info.get("base_url") or "/"), tx.name),
         session_dir=session_dir,
-        notebook=opts.notebook,
-        version=str(info.get("version", "")),
+        notebook=tx.opts.notebook,
+        version=untrusted.text(str(info.get("version", "")), 40),
         job_id=job_id,
         node=looked.node or state.node,
-        address="" if sock else looked.address or str(info.get("hostname") or ""),
+        address=""
+        if sock
+        else looked.address or (untrusted.remote_host(hostname, tx.name) if hostname else ""),
     )
 
 
