@@ -172,10 +172,10 @@ def remote_status(found: list[RemoteRow]) -> None:
 def doctor(result: DoctorResult) -> None:
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
     width = max(len(c.name) for c in result.checks)
-    for c in result.checks:
-        typer.echo(f"{marks[c.status]}  {c.name.ljust(width)}  {c.detail}")
+    for c in result.checks:  # (details quote the remote: a version, a path, its stderr)
+        typer.echo(f"{marks[c.status]}  {c.name.ljust(width)}  {clean(c.detail)}")
         if c.fix and c.status in ("fail", "warn"):
-            typer.echo(f"{' ' * (width + 8)}fix: {c.fix}")
+            typer.echo(f"{' ' * (width + 8)}fix: {clean(c.fix)}")
 
 
 def settings(rows: list[tuple[str, Any, str]]) -> None:
