@@ -63,3 +63,10 @@ def cli(tmp_path: Path) -> Jl:
     )
     env.pop("DISPLAY", None)
     return Jl(env, state, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One local cache of the private JupyterLab's wheels for the run (XDG_CACHE_HOME):
+    the first install fills it, later ones reuse it."""
+    return tmp_path_factory.mktemp("cache")

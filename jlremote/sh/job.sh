@@ -39,9 +39,12 @@ while IFS= read -r a; do set -- "$@" "$a"; done <"$d/job.argv"
 dir=$(cat "$d/job.dir")
 { eval "$(cat "$d/job.env")"; } </dev/null || job_fail "$RC_ENV_FAILED" 'the --env snippet failed in the job'
 cd "$(remote_path "$dir")" || job_fail "$RC_NO_DIR" "remote directory not found: $dir"
-if [ "$1" = jupyter ] && ! command -v jupyter >/dev/null 2>&1 && p=$(private_jupyter); then
+# The default `jupyter` not on the PATH: the private JupyterLab, if there is one (its
+# kernel the --env Python, as launch.sh does it).
+if [ "$1" = jupyter ] && private_lab "$d" "$(cat "$d/job.env")"; then
   shift
-  set -- "$p" "$@"
+  set -- "$lab_jupyter" "$@" $lab_args
+  printf '%s\n' "$kernel" >"$d/private" # (which kernel: env or own)
 fi
 command -v "$1" >/dev/null 2>&1 || job_fail "$RC_NOT_FOUND" "'$1' not found on the compute node"
 # The client says how it reaches this node (route.sh): `sock` when its ssh gets here

@@ -68,24 +68,11 @@ printf '%s\n' "$kind" >"$d/kind"
 printf '%s %s\n' "$(node_id)" "$(node_addr)" >"$d/login"
 { eval "$env"; } </dev/null >&2 || fail "$RC_ENV_FAILED" 'the --env snippet failed on the remote'
 cd "$(remote_path "$dir")" 2>/dev/null || fail "$RC_NO_DIR" "remote directory not found: $dir"
-# The default `jupyter` not on the PATH: the private JupyterLab, if there is one. Its
-# kernel is the user's --env Python when that has ipykernel.
+# The default `jupyter` not on the PATH: the private JupyterLab, if there is one.
 kernel=
-if [ "$1" = jupyter ] && ! command -v jupyter >/dev/null 2>&1 && p=$(private_jupyter); then
+if [ "$1" = jupyter ] && private_lab "$d" "$env"; then
   shift
-  set -- "$p" "$@"
-  kernel="own"
-  if [ -n "$env" ] && py=$(command -v python3) && "$py" -c 'import ipykernel' 2>/dev/null; then
-    mkdir -p "$d/jupyter/kernels/env"
-    "$py" -c 'import json, sys
-spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python (--env)", "language": "python"}
-with open(sys.argv[1], "w") as f:
-    json.dump(spec, f)' "$d/jupyter/kernels/env/kernel.json"
-    export JUPYTER_PATH="$d/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
-    set -- "$@" --MultiKernelManager.default_kernel_name=env
-    kernel="env"
-  fi
+  set -- "$lab_jupyter" "$@" $lab_args
 fi
 command -v "$1" >/dev/null 2>&1 || fail "$RC_NOT_FOUND" "'$1' not found on the remote"
 if [ -n "$idle" ]; then

@@ -109,6 +109,28 @@ private_jupyter() {
   return 1
 }
 
+# private_lab DIR ENV: where the default `jupyter` is not on the PATH, the private
+# JupyterLab (succeeds, lab_jupyter its jupyter). Its kernel is the user's --env Python
+# when ENV is given and that Python has ipykernel: kernel=env, a kernelspec under
+# DIR/jupyter (JUPYTER_PATH exported) that the server must make its default
+# (lab_args); else kernel=own. For launch.sh and job.sh alike.
+private_lab() {
+  kernel='' lab_args=''
+  command -v jupyter >/dev/null 2>&1 && return 1
+  lab_jupyter=$(private_jupyter) || return 1
+  kernel=own
+  [ -n "$2" ] || return 0
+  py=$(command -v python3) && "$py" -c 'import ipykernel' 2>/dev/null || return 0
+  mkdir -p "$1/jupyter/kernels/env"
+  "$py" -c 'import json, sys
+spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python (--env)", "language": "python"}
+with open(sys.argv[1], "w") as f:
+    json.dump(spec, f)' "$1/jupyter/kernels/env/kernel.json"
+  export JUPYTER_PATH="$1/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
+  kernel=env lab_args=--MultiKernelManager.default_kernel_name=env
+}
+
 # check_id ID: session (and probe) ids are lowercase hex only: they name files.
 check_id() { case $1 in '' | *[!0-9a-f]*) say "not a session id: $1"; exit 2 ;; esac; }
 

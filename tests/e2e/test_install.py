@@ -20,12 +20,6 @@ from tests.harness.testbed import Testbed
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One local cache for the module: the first install fills it, later ones reuse it."""
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture
 def bare(jl: Jl, testbed: Testbed, wheel_cache: Path) -> Iterator[tuple[str, str]]:
     """The two bare accounts' homes; the runner uses the module's wheel cache."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from tests.e2e.test_start import assert_nothing_left, jupyter_pids
 from tests.e2e.test_tooling import run_under_pty
 from tests.harness.cli import Jl, api, assert_one_error_line, http_get, token_of
+from tests.harness.kernels import new_kernel, run_cell
 from tests.harness.slurmbed import NODE, Cluster, available
 from tests.harness.testbed import ALIAS, Testbed, wait_until
 
@@ -284,3 +286,39 @@ def test_a_node_that_accepts_ssh_serves_on_a_private_socket(
     )
     assert sjl("stop", ALIAS).rc == 0
     wait_until(lambda: not cluster.jobs(), 30, "the job to end", interval=0.1)
+
+
+def test_a_job_with_the_private_jupyterlab_has_the_env_kernel(
+    sjl: Jl, testbed: Testbed, cluster: Cluster, wheel_cache: Path
+) -> None:
+    """No jupyter on the job's PATH, the private JupyterLab in the home, and --env naming
+    a Python with ipykernel: the job's server offers that Python as its default kernel,
+    "Python (--env)", as a server on the host does (one shell function chooses for both)."""
+    sjl.env["XDG_CACHE_HOME"] = str(wheel_cache)
+    home = Path(testbed.home)
+    kenv = home / "kenv" / "bin"
+    try:
+        installed = sjl("install", ALIAS, "--json", timeout=900)
+        assert installed.rc == 0, installed.stderr
+        kenv.mkdir(parents=True)
+        (kenv / "python3").write_text(f'#!/bin/sh\nexec {testbed.remote_venv}/bin/python3 "$@"\n')
+        os.chmod(kenv / "python3", 0o755)
+        uid = pwd.getpwnam(testbed.user).pw_uid
+        for p in (kenv.parent, kenv, kenv / "python3"):
+            os.chown(p, uid, uid)
+        env = 'export PATH="$HOME/kenv/bin:/usr/bin:/bin"'  # (no jupyter on it)
+        r = sjl("start", ALIAS, "--slurm", "--env", env, "--json", timeout=300)
+        assert r.rc == 0, r.stderr
+        url = r.json()["url"]
+        status, body = http_get(api(url, "api/kernelspecs"), token_of(url))
+        assert status == 200, body
+        specs = json.loads(body)
+        assert specs["default"] == "env"
+        assert specs["kernelspecs"]["env"]["spec"]["display_name"] == "Python (--env)"
+        cell = run_cell(url, new_kernel(url), "import sys; print(sys.executable)")
+        assert cell.text.strip() == f"{testbed.remote_venv}/bin/python3"
+        assert sjl("stop", ALIAS).rc == 0
+    finally:
+        sjl("stop", "--all", "--forget", "--grace", "3")
+        sjl("uninstall", ALIAS)
+        subprocess.run(["rm", "-rf", str(kenv.parent)], check=False)
