@@ -113,7 +113,9 @@ private_jupyter() {
 # JupyterLab (succeeds, lab_jupyter its jupyter). Its kernel is the user's --env Python
 # when ENV is given and that Python has ipykernel: kernel=env, a kernelspec under
 # DIR/jupyter (JUPYTER_PATH exported) that the server must make its default
-# (lab_args); else kernel=own. For launch.sh and job.sh alike.
+# (lab_args); else kernel=own. For launch.sh and job.sh alike (the other scripts do not
+# use what it sets).
+# shellcheck disable=SC2034
 private_lab() {
   kernel='' lab_args=''
   command -v jupyter >/dev/null 2>&1 && return 1
