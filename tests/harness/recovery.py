@@ -1,12 +1,13 @@
 """`make recovery`: how fast a session's URL works again after real faults.
 
 Brings up the test-bed remote, starts one session, and repeats each fault several times:
-the tunnel's ssh killed (-9), the tunnel stopped for 30 s (a sleeping laptop), the
-remote's link down for 30 s (lost Wi-Fi; root only), and the same with the remote's sshd
-dropping our connections meanwhile (a change of network). Prints median/min/max of the
-seconds from the fault's end to the first 200 through the same URL: a request sent at
-once is held by the session's port until the tunnel is back, so the time is that of the
-first answer. A report, not a test.
+the session's supervisor killed (-9: its guard brings it back), the tunnel's ssh killed
+(-9), the tunnel stopped for 30 s (a sleeping laptop), the remote's link down for 30 s
+(lost Wi-Fi; root only), and the same with the remote's sshd dropping our connections
+meanwhile (a change of network). Prints median/min/max of the seconds from the fault's
+end to the first 200 through the same URL: a request sent at once is held by the
+session's port until the tunnel is back, so the time is that of the first answer. A
+report, not a test.
 """
 
 from __future__ import annotations
@@ -91,7 +92,17 @@ def main() -> int:
             time.sleep(OUTAGE)
             subprocess.run([*ns, "ip", "link", "set", bed.peer, "up"], check=True)
 
+        def supervisor_pid() -> int:
+            doc = json.loads((state / "sessions.json").read_text())
+            return int(doc["sessions"][ALIAS]["supervisor_pid"])
+
+        def kill_supervisor() -> None:
+            # Its guard holds the port meanwhile and starts a new one.
+            old = supervisor_pid()
+            os.kill(old, signal.SIGKILL)
+
         faults: list[tuple[str, Callable[[], None]]] = [
+            ("supervisor killed (-9): the port's holder", kill_supervisor),
             ("tunnel ssh killed (-9)", kill9),
             (f"tunnel stopped {OUTAGE:.0f} s (SIGSTOP/SIGCONT)", sleep_laptop),
         ]
