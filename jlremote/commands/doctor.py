@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jlremote import proc, protocol, scripts, slurm, ssh, tunnel
+from jlremote import proc, protocol, scripts, slurm, ssh, tunnel, untrusted
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.remote import entries_of, release, run_script
@@ -118,28 +118,8 @@ def doctor(opts: DoctorOptions) -> DoctorResult:
     add(Check("ssh", "ok", f"{said[0] if said else 'unknown version'} ({cfg.binary})"))
 
     # 2. What ssh makes of HOST (no network: `ssh -G`).
-    resolved = proc.run(ssh.resolve_argv(cfg, host), timeout=10, what="ssh -G")
-    if resolved.returncode != 0:
-        last = resolved.stderr.strip().splitlines()
-        add(
-            Check(
-                "resolve",
-                "fail",
-                last[-1] if last else f"ssh -G {host} failed",
-                "fix the error in your ssh configuration",
-            ),
-            ExitCode.CONNECT,
-        )
+    if not _resolve_check(cfg, host, add):
         return result()
-    conf: dict[str, str] = {}
-    for line in resolved.stdout.splitlines():
-        key, _, value = line.partition(" ")
-        conf.setdefault(key, value)
-    where = f"{conf.get('user', '?')}@{conf.get('hostname', host)} port {conf.get('port', '22')}"
-    jump = conf.get("proxyjump", "none")
-    if jump and jump != "none":
-        where += f" via {jump}"
-    add(Check("resolve", "ok", where))
 
     # 3. A fresh, non-interactive connection.
     t0 = time.monotonic()
@@ -164,6 +144,33 @@ def doctor(opts: DoctorOptions) -> DoctorResult:
     return result()
 
 
+def _resolve_check(cfg: ssh.SshConfig, host: str, add: _Add) -> bool:
+    """What ssh makes of HOST (`ssh -G`, no network): whether it could say."""
+    resolved = proc.run(ssh.resolve_argv(cfg, host), timeout=10, what="ssh -G")
+    if resolved.returncode != 0:
+        last = resolved.stderr.strip().splitlines()
+        add(
+            Check(
+                "resolve",
+                "fail",
+                last[-1] if last else f"ssh -G {host} failed",
+                "fix the error in your ssh configuration",
+            ),
+            ExitCode.CONNECT,
+        )
+        return False
+    conf: dict[str, str] = {}
+    for line in resolved.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        conf.setdefault(key, value)
+    where = f"{conf.get('user', '?')}@{conf.get('hostname', host)} port {conf.get('port', '22')}"
+    jump = conf.get("proxyjump", "none")
+    if jump and jump != "none":
+        where += f" via {jump}"
+    add(Check("resolve", "ok", where))
+    return True
+
+
 def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add) -> DoctorReport:
     done = run_script(
         cfg,
@@ -175,21 +182,39 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
     report = read_doctor(protocol.parse(done.stdout))
     if opts.slurm:
         _slurm_check(report, opts, add)
-    shell = report.shell.rsplit("/", 1)[-1]
-    if shell in ("csh", "tcsh", "fish"):
-        add(
-            Check(
-                "shell",
-                "warn",
-                f"{report.shell} on {report.os}: not a POSIX shell; jlremote is tested with "
-                "bash, dash and sh",
-                "if start fails, set a POSIX login shell (chsh -s /bin/bash)",
-                required=False,
-            )
+    _shell_check(report, add)
+    _jupyter_check(report, host, opts, add)
+    _disk_check(report, add)
+    running = ", ".join(report.sessions)
+    add(
+        Check(
+            "sessions",
+            "ok",
+            f"{len(report.sessions)} running: {running}" if report.sessions else "none running",
+            required=False,
         )
-    else:
-        add(Check("shell", "ok", f"{report.shell} on {report.os or 'unknown OS'}"))
+    )
+    return report
 
+
+def _shell_check(report: DoctorReport, add: _Add) -> None:
+    shell = report.shell.rsplit("/", 1)[-1]
+    if shell not in ("csh", "tcsh", "fish"):
+        add(Check("shell", "ok", f"{report.shell} on {report.os or 'unknown OS'}"))
+        return
+    add(
+        Check(
+            "shell",
+            "warn",
+            f"{report.shell} on {report.os}: not a POSIX shell; jlremote is tested with "
+            "bash, dash and sh",
+            "if start fails, set a POSIX login shell (chsh -s /bin/bash)",
+            required=False,
+        )
+    )
+
+
+def _jupyter_check(report: DoctorReport, host: str, opts: DoctorOptions, add: _Add) -> None:
     hint = (
         f"give the environment with --env (e.g. --env 'source ~/venv/bin/activate' or "
         f"'module load python'), or --jupyter /path/to/jupyter; or put `env = ...` in "
@@ -200,7 +225,8 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
             Check("jupyter", "fail", f"the env snippet failed on the remote: {opts.env}", hint),
             ExitCode.REMOTE_ENV,
         )
-    elif not report.jupyter:
+        return
+    if not report.jupyter:
         add(
             Check(
                 "jupyter",
@@ -211,28 +237,28 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
             ),
             ExitCode.REMOTE_ENV,
         )
-    else:
-        versions = report.versions or {}
-        shown = ", ".join(
-            f"{p} {versions[p]}"
-            for p in ("jupyter_server", "jupyterlab", "notebook")
-            if p in versions
+        return
+    versions = report.versions or {}
+    shown = ", ".join(
+        f"{p} {versions[p]}" for p in ("jupyter_server", "jupyterlab", "notebook") if p in versions
+    )
+    if "jupyterlab" not in versions and "notebook" not in versions:
+        add(
+            Check(
+                "jupyter",
+                "fail",
+                f"{report.jupyter}: neither jupyterlab nor notebook is installed"
+                + (f" ({shown})" if shown else ""),
+                "pip install jupyterlab in that environment",
+            ),
+            ExitCode.REMOTE_ENV,
         )
-        if "jupyterlab" not in versions and "notebook" not in versions:
-            add(
-                Check(
-                    "jupyter",
-                    "fail",
-                    f"{report.jupyter}: neither jupyterlab nor notebook is installed"
-                    + (f" ({shown})" if shown else ""),
-                    "pip install jupyterlab in that environment",
-                ),
-                ExitCode.REMOTE_ENV,
-            )
-        else:
-            private = " (private JupyterLab, `jlremote install`)" if report.private else ""
-            add(Check("jupyter", "ok", f"{report.jupyter}{private}: {shown}"))
+        return
+    private = " (private JupyterLab, `jlremote install`)" if report.private else ""
+    add(Check("jupyter", "ok", f"{report.jupyter}{private}: {shown}"))
 
+
+def _disk_check(report: DoctorReport, add: _Add) -> None:
     if report.free_kb is None:
         add(Check("disk", "skip", "could not read free space in the remote home", required=False))
     elif report.free_kb < LOW_SPACE_KB:
@@ -247,17 +273,6 @@ def _remote_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Add
         )
     else:
         add(Check("disk", "ok", f"{report.free_kb / 1024 / 1024:.1f} GB free in the remote home"))
-
-    running = ", ".join(report.sessions)
-    add(
-        Check(
-            "sessions",
-            "ok",
-            f"{len(report.sessions)} running: {running}" if report.sessions else "none running",
-            required=False,
-        )
-    )
-    return report
 
 
 def _privacy_check(
@@ -425,7 +440,21 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
                 )
             )
         return None
-    remote_port, remote_sock = int(words[0]), words[1]
+    # (what the remote says is checked before it becomes a -L target: untrusted)
+    remote_port, remote_sock = untrusted.port(words[0]), untrusted.socket_path(words[1])
+    tried = _try_forwards(cfg, host, probe_id, remote_port, remote_sock, add)
+    if tried is None:
+        return None
+    tcp_ok, sock_ok = tried
+    _said_forwards(tcp_ok, sock_ok, add)
+    return sock_ok
+
+
+def _try_forwards(
+    cfg: ssh.SshConfig, host: str, probe_id: str, remote_port: int, remote_sock: str, add: _Add
+) -> tuple[bool, bool] | None:
+    """Forward a local port to the greeter's TCP port and one to its socket, through a
+    connection of their own: whether each greeted (None: the connection failed, said)."""
     logfile = ensure_private_dir(state_dir() / "logs") / f"doctor-{probe_id}.log"
     master = None
     tcp_ok = sock_ok = False
@@ -449,6 +478,10 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
                 run_script(cfg, host, scripts.forward_cleanup(probe_id), timeout=20, what="cleanup")
         with contextlib.suppress(FileNotFoundError):
             logfile.unlink()
+    return tcp_ok, sock_ok
+
+
+def _said_forwards(tcp_ok: bool, sock_ok: bool, add: _Add) -> None:
     if tcp_ok:
         add(Check("tcp-forward", "ok", "the remote sshd forwards TCP to its 127.0.0.1"))
     else:
@@ -483,4 +516,3 @@ def _forward_checks(cfg: ssh.SshConfig, host: str, opts: DoctorOptions, add: _Ad
             ),
             ExitCode.TUNNEL,
         )
-    return sock_ok
