@@ -212,6 +212,18 @@ def _confirm(line: Any) -> Any:
     return ask
 
 
+# start's output options, after those of StartOptions (in the Output panel).
+def _output_option(*flags: str, help: str) -> Any:
+    return Annotated[bool, typer.Option(*flags, help=help, rich_help_panel=OUTPUT)]
+
+
+_START_OUTPUT = (
+    ("quiet", _output_option("--quiet", "-q", help="No progress line on stderr.")),
+    ("as_json", _output_option("--json", help="Print JSON, not the URL.")),
+    ("verbose", _output_option("--verbose", "-v", help="Debug logs (ssh argv included).")),
+)
+
+
 def _start_signature() -> inspect.Signature:
     """start's parameters: HOST, then every option of options.StartOptions (from its
     Opt: flags, help; an option a profile may set defaults to None, "not given"), then
@@ -246,36 +258,7 @@ def _start_signature() -> inspect.Signature:
         params.append(
             inspect.Parameter(name, keyword, default=default, annotation=Annotated[kind, option])
         )
-    for name, annotation in (
-        (
-            "quiet",
-            Annotated[
-                bool,
-                typer.Option(
-                    "--quiet", "-q", help="No progress line on stderr.", rich_help_panel=OUTPUT
-                ),
-            ],
-        ),
-        (
-            "as_json",
-            Annotated[
-                bool,
-                typer.Option("--json", help="Print JSON, not the URL.", rich_help_panel=OUTPUT),
-            ],
-        ),
-        (
-            "verbose",
-            Annotated[
-                bool,
-                typer.Option(
-                    "--verbose",
-                    "-v",
-                    help="Debug logs (ssh argv included).",
-                    rich_help_panel=OUTPUT,
-                ),
-            ],
-        ),
-    ):
+    for name, annotation in _START_OUTPUT:
         params.append(inspect.Parameter(name, keyword, default=False, annotation=annotation))
     return inspect.Signature(params)
 
