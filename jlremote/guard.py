@@ -44,6 +44,22 @@ STEADY = 30.0
 RESPAWN_FIRST, RESPAWN_CAP = 0.2, 10.0
 
 
+def supervisor_argv(name: str, wait: float, fd: int, *extra: str) -> list[str]:
+    """`python -P -m jlremote.supervisor NAME WAIT FD [after=PID link=FD apps=FD,...]`."""
+    return proc.python_argv("-m", SUPERVISOR, name, f"{wait:g}", str(fd), *extra)
+
+
+def spawn(name: str, argv: list[str], fds: tuple[int, ...]) -> int:
+    """Start ARGV (a supervisor or a guard of session NAME) detached, in the private state
+    directory, logging to the session's supervisor log, with our descriptors FDS."""
+    return proc.spawn_detached(
+        argv,
+        ensure_private_dir(state_dir() / "logs") / f"{name}.supervisor.log",
+        cwd=ensure_private_dir(state_dir()),
+        pass_fds=fds,
+    )
+
+
 def record_path(name: str) -> Path:
     """Where a supervisor writes its guard's PID and create time (for `status`, `open`:
     the guard, too, proves a port is the session's)."""
@@ -135,13 +151,8 @@ class Link:
                 old, self._end = self._end, ours
             if old is not None:
                 old.close()
-            logs = ensure_private_dir(state_dir() / "logs")
-            pid = proc.spawn_detached(
-                proc.python_argv("-m", MODULE, self.name, str(theirs.fileno()), str(os.getpid())),
-                logs / f"{self.name}.supervisor.log",
-                cwd=ensure_private_dir(state_dir()),
-                pass_fds=(theirs.fileno(),),
-            )
+            argv = proc.python_argv("-m", MODULE, self.name, str(theirs.fileno()), str(os.getpid()))
+            pid = spawn(self.name, argv, (theirs.fileno(),))
         finally:
             theirs.close()
         self._send_all()
@@ -264,19 +275,12 @@ class Guard:
         assert self.main is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [self.main.fileno(), *(s.fileno() for s in self.apps.values())]
-        apps = ",".join(str(s.fileno()) for s in self.apps.values())
-        argv = proc.python_argv(
-            "-m", SUPERVISOR, self.name, "30", str(self.main.fileno()),
-            f"after={self.supervisor_pid}", f"link={theirs.fileno()}",
-            *([f"apps={apps}"] if apps else []),
-        )  # fmt: skip
+        extra = [f"after={self.supervisor_pid}", f"link={theirs.fileno()}"]
+        if self.apps:
+            extra.append("apps=" + ",".join(str(s.fileno()) for s in self.apps.values()))
+        argv = supervisor_argv(self.name, 30, self.main.fileno(), *extra)
         try:
-            pid = proc.spawn_detached(
-                argv,
-                ensure_private_dir(state_dir() / "logs") / f"{self.name}.supervisor.log",
-                cwd=ensure_private_dir(state_dir()),
-                pass_fds=(*fds, theirs.fileno()),
-            )
+            pid = spawn(self.name, argv, (*fds, theirs.fileno()))
         finally:
             theirs.close()
         self.end.close()

@@ -167,9 +167,7 @@ def tunnel_master_argv(
     With NODE (a compute node of a job), the connection goes to that node through HOST
     (see node_route_options), and never prompts: a node that wants a password is not a
     route."""
-    to_node = [*node_route_options(cfg, host), "-o", "BatchMode=yes"] if node else []
-    if node:
-        untrusted.host_name(node)  # (from Slurm: it becomes %h, as in ProxyCommand)
+    to_node = [*_to_node(cfg, host, node), "-o", "BatchMode=yes"] if node else []
     return [
         *_base(cfg),
         *to_node,
@@ -187,6 +185,13 @@ def tunnel_master_argv(
         "-o", "PermitLocalCommand=no",
         "--", node or host,
     ]  # fmt: skip
+
+
+def _to_node(cfg: SshConfig, host: str, node: str) -> list[str]:
+    """node_route_options, for a NODE the remote named: checked first (it becomes %h in
+    that ProxyCommand, and the destination of the outer ssh)."""
+    untrusted.host_name(node)
+    return node_route_options(cfg, host)
 
 
 def node_route_options(cfg: SshConfig, host: str) -> list[str]:
@@ -228,9 +233,7 @@ def probe_connect_argv(cfg: SshConfig, host: str, node: str = "") -> list[str]:
     """A fresh connection that may not prompt (BatchMode) and shares nothing, so that it
     really tests reaching and authenticating to HOST (or to NODE through HOST, as the
     tunnel would), and how long that takes."""
-    jump = node_route_options(cfg, host) if node else []
-    if node:
-        untrusted.host_name(node)
+    jump = _to_node(cfg, host, node) if node else []
     return [
         *_base(cfg), "-T", *PRIVATE_OPTIONS, *jump,
         "-o", "BatchMode=yes",

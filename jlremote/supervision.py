@@ -17,7 +17,7 @@ from jlremote import guard, proc
 from jlremote.paths import ensure_private_dir, state_dir
 from jlremote.state import Session, StateStore
 
-MODULE = "jlremote.supervisor"
+MODULE = guard.SUPERVISOR
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def argv_for(name: str, wait: float, fd: int) -> list[str]:
     socket as descriptor FD. `-m` would put the caller's working directory first on the
     import path (a `jlremote/` folder there would run as the user): -P leaves it out
     (Python 3.11+), and spawn() runs it in the private state directory anyway."""
-    return proc.python_argv("-m", MODULE, name, f"{wait:g}", str(fd))
+    return guard.supervisor_argv(name, wait, fd)
 
 
 def spawn(name: str, listener: socket.socket, wait: float = 30.0) -> proc.Owned:
@@ -81,14 +81,8 @@ def spawn(name: str, listener: socket.socket, wait: float = 30.0) -> proc.Owned:
     carries connections as soon as the tunnel's socket is there, and takes up the rest
     of its work once the session's record names it; it gives up if none does within WAIT
     seconds: so `start` can spawn it early, while the server boots."""
-    logs = ensure_private_dir(state_dir() / "logs")
     fd = listener.fileno()
-    pid = proc.spawn_detached(
-        argv_for(name, wait, fd),
-        logs / f"{name}.supervisor.log",
-        cwd=ensure_private_dir(state_dir()),
-        pass_fds=(fd,),
-    )
+    pid = guard.spawn(name, argv_for(name, wait, fd), (fd,))
     started = proc.owned(pid)
     return owned(name, started.pid, started.created)
 

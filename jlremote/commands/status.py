@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from jlremote import keeper, remote, slurm, ssh, supervision, tunnel
+from jlremote import remote, slurm, ssh, supervision, tunnel
 from jlremote import session as lifecycle
 from jlremote.errors import ExitCode, JlremoteError
 from jlremote.paths import state_dir
@@ -157,11 +157,7 @@ def _job_fields(s: Session, job: slurm.JobState, probed: str | None) -> dict[str
 def _unheld(port: int) -> str:
     """A session's port that its holder no longer holds: `port taken` (somebody else's
     now) or `down` (free)."""
-    try:
-        keeper.listen(port).close()
-    except JlremoteError:
-        return "port taken"
-    return "down"
+    return "down" if tunnel.port_is_free(port) else "port taken"
 
 
 def _server_state(s: Session, probed: str | None, job: slurm.JobState, why: str) -> tuple[str, str]:

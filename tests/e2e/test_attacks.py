@@ -6,6 +6,7 @@ the user runs jlremote from, an app's far end."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import resource
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from jlremote import tunnel
+from tests.e2e.test_outage import port_of
 from tests.harness import browser
 from tests.harness.attacker import another_account_floods, another_account_tries
 from tests.harness.cli import Jl, api, http_get, token_of
@@ -43,10 +46,6 @@ while data := s.recv(65536):
 def needs_root(testbed: Testbed) -> None:
     if testbed.netns is None or not testbed.other_user:
         pytest.skip("needs the network-namespace test bed and a second account (root)")
-
-
-def port_of(url: str) -> int:
-    return int(url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
 # ---- what the remote can make jlremote do -----------------------------------------------
@@ -207,15 +206,7 @@ def test_kill_9_of_either_holder_never_frees_the_port(jl: Jl, testbed: Testbed) 
         rows = jl("status", "--json").json()
         assert rows[0]["tunnel"] == "up", rows
     assert jl("stop", ALIAS).rc == 0
-    wait_until(lambda: not _listening(port), 10, "the port to be let go at stop")
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    wait_until(lambda: tunnel.port_is_free(port), 10, "the port to be let go at stop")
 
 
 # ---- an app's far end ----------------------------------------------------------------------
@@ -238,16 +229,17 @@ s.serve_forever()
 
 def test_an_app_gets_no_cookie_of_jupyters(jl: Jl, testbed: Testbed, tmp_path: Path) -> None:
     """A page of Jupyter's is open in the browser (its login cookie and _xsrf set); then
-    the browser loads the session's app: whoever answers on the app's remote port (maybe
-    another user of the remote) receives none of Jupyter's cookies."""
+    the browser loads the session's app, whose remote port another user of the remote
+    holds (exposure `host`): that user receives none of Jupyter's cookies."""
     needs_root(testbed)
     if browser.executable() is None:
         pytest.fail("no Chromium: `make test` installs Debian's chromium as root")
-    log_dir = Path(testbed.home) / f"cookies-{os.getpid()}"
-    testbed.remote_run(["mkdir", "-p", str(log_dir)])
+    other = testbed.other_user
+    log_dir = Path(pwd.getpwnam(other).pw_dir) / f"cookies-{os.getpid()}"
+    assert testbed.remote_run(["mkdir", "-p", str(log_dir)], user=other).returncode == 0
     seen = log_dir / "seen.log"
     out = tmp_path / "app.out"
-    app = testbed.remote_popen([PYTHON, "-u", "-c", COOKIE_APP, str(seen)], out)
+    app = testbed.remote_popen([PYTHON, "-u", "-c", COOKIE_APP, str(seen)], out, user=other)
     page = None
     try:
         port = wait_until(

@@ -115,17 +115,17 @@ def kill_supervisors(state_dir: Path) -> list[int]:
                 continue
         return sorted(found, key=lambda p: "jlremote.guard" not in (p.info["cmdline"] or []))
 
-    killed: list[int] = []
-    for sweep in range(2):  # (the second: any that a dying one started meanwhile)
-        for p in ours():
+    killed: list[psutil.Process] = []
+    for _ in range(2):  # (the second: any that a dying one started meanwhile)
+        found = ours()
+        for p in found:
             with contextlib.suppress(psutil.Error):
                 age = time.time() - p.create_time()
                 print(f"stray supervisor or guard {p.pid}: {p.info['cmdline']} age {age:.1f}s")
                 p.kill()
-                killed.append(p.pid)
-        if sweep == 0:
-            time.sleep(0.5)
-    return killed
+                killed.append(p)
+        psutil.wait_procs(found, timeout=5)
+    return [p.pid for p in killed]
 
 
 def assert_one_error_line(stderr: str, *needles: str) -> None:
